@@ -1,0 +1,94 @@
+"""Frozen-feature extraction shared by the kNN and linear-probe evaluations.
+
+Features are the exported model's own pre-logits output (``forward_head(forward_features(x), pre_logits=True)``):
+for our exports (timm ``global_pool='token'``) that is the cls token after the final norm, the MAE/MoCo v3
+linear-probe feature. They are extracted once per export and cached for every probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from repro.checkpoint import ExportMeta, load_export
+from repro.config import EvalConfig
+from repro.data import DatasetSplits, Split, eval_batches
+from repro.records import ResultRecord, git_revision, now_iso
+
+
+@dataclass
+class Features:
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+
+
+@dataclass
+class EvalContext:
+    """What every evaluation of one dataset shares: data, protocol settings, device and a feature cache."""
+
+    data: DatasetSplits
+    cfg: EvalConfig
+    device: torch.device
+    seed: int = 0
+    progress: bool = True
+    _cache: dict[str, tuple[Features, ExportMeta]] | None = None
+
+    def features(self, export_dir: Path) -> tuple[Features, ExportMeta]:
+        key = str(Path(export_dir).resolve())
+        if self._cache is None:
+            self._cache = {}
+        if key not in self._cache:
+            model, meta = load_export(Path(export_dir))
+            model.to(self.device)
+            feats = Features(*extract(model, self.data.train, meta, self, "train"),
+                             *extract(model, self.data.test, meta, self, "test"), self.data.num_classes)
+            self._cache = {key: (feats, meta)}  # one export at a time keeps memory flat
+        return self._cache[key]
+
+
+@torch.inference_mode()
+def extract(model: nn.Module, split: Split, meta: ExportMeta, ctx: EvalContext, name: str) -> tuple[Tensor, Tensor]:
+    model.eval()
+    xs, ys = [], []
+    autocast = ctx.device.type == "cuda"
+    batches = eval_batches(split, meta.img_size, meta.mean, meta.std, ctx.cfg.feature_batch_size, ctx.device)
+    total = (len(split) + ctx.cfg.feature_batch_size - 1) // ctx.cfg.feature_batch_size
+    for x, y in tqdm(batches, total=total, desc=f"features {name}", disable=not ctx.progress, leave=False):
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        xs.append(f.float())
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def model_label(name: str, timm_kwargs: dict) -> str:
+    """Readable architecture label for tables, e.g. ``vit_tiny_patch16_224 p4 @32 d6``."""
+    parts = [name]
+    if "patch_size" in timm_kwargs:
+        parts.append(f"p{timm_kwargs['patch_size']}")
+    if "img_size" in timm_kwargs:
+        parts.append(f"@{timm_kwargs['img_size']}")
+    if "depth" in timm_kwargs:
+        parts.append(f"d{timm_kwargs['depth']}")
+    return " ".join(parts)
+
+
+def make_record(ctx: EvalContext, meta: ExportMeta, eval_name: str, metric: str, value: float, selection: str,
+                seconds: float) -> ResultRecord:
+    """A result row for one number measured on an export; pretraining facts come from ``backbone.json``."""
+    x = meta.extra
+    return ResultRecord(
+        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=ctx.data.name,
+        budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
+        device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
+        pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
+        images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"), eval_seconds=seconds,
+        config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
+    )

@@ -1,0 +1,43 @@
+"""Weighted k-NN on frozen features (DINO protocol): a cheap monitor, not a ranking metric for MIM methods.
+
+Train and test features are L2-normalised; each test image takes the k = 20 most cosine-similar train
+images, each voting for its class with weight ``exp(sim / T)``, T = 0.07; top-1 accuracy on the test split.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evals.features import EvalContext, make_record
+from repro.records import ResultRecord
+
+
+def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: int, k: int, temperature: float,
+                chunk: int = 1024) -> Tensor:
+    """Predicted class per test row by a similarity-weighted vote of the ``k`` nearest train rows."""
+    train_x = F.normalize(train_x.float(), dim=1)
+    test_x = F.normalize(test_x.float(), dim=1)
+    k = min(k, train_x.shape[0])
+    preds = []
+    for i in range(0, test_x.shape[0], chunk):
+        sim = test_x[i:i + chunk] @ train_x.t()  # (b, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
+        votes.scatter_add_(1, train_y[top_idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
+    t0 = time.perf_counter()
+    f, meta = ctx.features(export_dir)
+    pred = knn_predict(f.train_x, f.train_y, f.test_x, f.num_classes, ctx.cfg.knn_k, ctx.cfg.knn_temperature)
+    acc = (pred == f.test_y).float().mean().item() * 100
+    rule = f"k={ctx.cfg.knn_k}, T={ctx.cfg.knn_temperature} fixed (DINO protocol); nothing selected"
+    return [make_record(ctx, meta, "knn", "top1", acc, rule, time.perf_counter() - t0)]

@@ -1,0 +1,179 @@
+"""``MaskedViT``: a stock timm VisionTransformer plus the two token paths masked methods need.
+
+The wrapped ``self.vit`` is created with ``timm.create_model`` and never modified structurally, so
+``self.vit.state_dict()`` is a timm state dict: an export loads with ``strict=True`` into
+``timm.create_model(name, **timm_kwargs)``. What methods need on top lives here and is not part of
+the export: the learned [MASK] token (ConMIM/MimCo) and the token paths.
+
+- ``embed(x)``: patch embedding plus position embedding (cls row excluded) -> (B, N, D).
+- ``encode(tokens)``: prepend cls + its position, run timm's blocks and final norm -> (B, K+1, D).
+- ``forward_visible(x, ids_keep)``: drop tokens (MAE, MiCL) -> (B, K+1, D).
+- ``forward_masked(x, mask)``: replace masked patches by the [MASK] token, keep all N -> (B, N+1, D).
+
+With every token kept in order, ``encode(embed(x))`` is bit-identical to timm's ``forward_features``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from repro.config import ModelConfig
+
+PosEmbedKind = Literal["learned", "sincos"]
+InitKind = Literal["timm", "mae"]
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """What a method asks of the shared backbone."""
+
+    pos_embed: PosEmbedKind = "learned"
+    """'sincos' = MAE's fixed 2-D sin-cos table (frozen, zero cls row); 'learned' = timm's trainable one."""
+    init: InitKind = "timm"
+    """'mae' = xavier-uniform Linear and flattened patch projection, cls N(0, 0.02); 'timm' = timm's own init."""
+    mask_token: bool = False
+    """Create a learned [MASK] token for ``forward_masked`` (BEiT-style methods)."""
+
+
+def mae_sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> Tensor:
+    """MAE's fixed 2-D sin-cos position table, (G*G [+1], D), float32.
+
+    Patch k (row i = k // G, column j = k % G) gets ``[sin(j w), cos(j w), sin(i w), cos(i w)]``, each block
+    D/4 wide with ``w_t = 1 / 10000^(t / (D/4))``: the column index fills the first half because MAE builds
+    its grid with ``meshgrid(w, h)``. Computed in float64 like MAE's numpy code, then cast. The cls row is 0.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    idx = torch.arange(grid_size * grid_size, dtype=torch.float64)
+    rows, cols = torch.div(idx, grid_size, rounding_mode="floor"), idx % grid_size
+    out_c, out_r = cols[:, None] * omega[None], rows[:, None] * omega[None]
+    table = torch.cat([out_c.sin(), out_c.cos(), out_r.sin(), out_r.cos()], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
+    return table.float()
+
+
+def patchify(imgs: Tensor, patch_size: int) -> Tensor:
+    """(B, 3, H, W) -> (B, N, p*p*3), ordered (patch row, patch col, pixel row, pixel col, channel) as MAE."""
+    b, c, h, w = imgs.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image {h}x{w} is not divisible by patch size {p}")
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def init_mae_(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: xavier-uniform Linear weights, zero biases, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class MaskedViT(nn.Module):
+    """A timm VisionTransformer (``self.vit``) with visible-token and mask-token paths."""
+
+    def __init__(self, model: ModelConfig, options: BackboneOptions = BackboneOptions()) -> None:
+        super().__init__()
+        self.model_cfg = model
+        self.options = options
+        self.timm_name = model.name
+        self.timm_kwargs = model.timm_kwargs()
+        self.vit = timm.create_model(model.name, pretrained=False, drop_path_rate=model.drop_path_rate,
+                                     **self.timm_kwargs)
+        vit = self.vit
+        if getattr(vit, "cls_token", None) is None or getattr(vit, "reg_token", None) is not None \
+                or getattr(vit, "no_embed_class", False) or getattr(vit, "pos_embed", None) is None:
+            raise ValueError(f"{model.name}: MaskedViT needs a ViT with one cls token, no register tokens and a "
+                             "position embedding that includes the cls row (the original timm/DeiT layout)")
+        if getattr(vit, "dynamic_img_size", False):
+            raise ValueError(f"{model.name}: dynamic_img_size is not supported")
+        self.embed_dim: int = vit.embed_dim
+        self.patch_size: int = vit.patch_embed.patch_size[0]
+        gh, gw = vit.patch_embed.grid_size
+        if gh != gw:
+            raise ValueError(f"{model.name}: only square patch grids are supported, got {gh}x{gw}")
+        self.grid_size: int = gh
+        self.num_patches: int = gh * gw
+
+        if options.init == "mae":
+            init_mae_(vit)
+            w = vit.patch_embed.proj.weight.data
+            # MAE: "initialize patch_embed like nn.Linear (instead of nn.Conv2d)"
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.normal_(vit.cls_token, std=0.02)
+        if options.pos_embed == "sincos":
+            table = mae_sincos_pos_embed(self.grid_size, self.embed_dim)
+            vit.pos_embed.data.copy_(table.unsqueeze(0))
+            vit.pos_embed.requires_grad_(False)
+        self.mask_token: nn.Parameter | None = None
+        if options.mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    # ------------------------------------------------------------------ token paths
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch embedding plus position embedding (without the cls row): (B, 3, H, W) -> (B, N, D)."""
+        return self.vit.patch_embed(x) + self.vit.pos_embed[:, 1:, :]
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        """Prepend cls (+ its position), run all blocks and the final norm: (B, K, D) -> (B, K+1, D)."""
+        vit = self.vit
+        cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        x = vit.norm_pre(vit.pos_drop(x))
+        x = vit.blocks(x)
+        return vit.norm(x)
+
+    def forward_visible(self, x: Tensor, ids_keep: Tensor) -> Tensor:
+        """Encode only the kept patches: x (B, 3, H, W), ids_keep (B, K) -> (B, K+1, D)."""
+        tokens = self.embed(x)
+        kept = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.encode(kept)
+
+    def forward_masked(self, x: Tensor, mask: Tensor) -> Tensor:
+        """BEiT-style: masked patches replaced by the [MASK] token before the position embedding.
+
+        x (B, 3, H, W), mask (B, N) bool True = masked -> (B, N+1, D).
+        """
+        if self.mask_token is None:
+            raise RuntimeError("forward_masked needs BackboneOptions(mask_token=True)")
+        tokens = self.vit.patch_embed(x)
+        w = mask.unsqueeze(-1).to(tokens.dtype)
+        tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+        return self.encode(tokens + self.vit.pos_embed[:, 1:, :])
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """All tokens, timm's own path: (B, 3, H, W) -> (B, N+1, D)."""
+        return self.vit.forward_features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The timm state dict (what an export holds); method-only parameters such as the [MASK] token excluded."""
+        return {k: v.detach() for k, v in self.vit.state_dict().items()}
+
+
+def build_backbone(model: ModelConfig, options: BackboneOptions) -> MaskedViT:
+    return MaskedViT(model, options)
+
+
+def create_timm_model(name: str, timm_kwargs: dict) -> nn.Module:
+    """The plain timm model an export loads into (no pretrained download)."""
+    return timm.create_model(name, pretrained=False, **timm_kwargs)

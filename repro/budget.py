@@ -1,0 +1,109 @@
+"""Budgets: parse ``3m`` / ``133h`` / ``300ep`` / ``5000steps`` / ``2e18flop`` and turn them into a step count.
+
+A wall-clock budget means *pre-training time on the hardware the run is given*. The trainer times a
+few warm steps (:func:`calibrate_steps`), converts the budget into a fixed ``total_steps`` that every
+rank uses, builds the LR schedule over exactly those steps and trains to that count; a resumed run
+keeps the count. Epoch, step and FLOP budgets are hardware-independent and need no timing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+BudgetKind = Literal["time", "epochs", "steps", "flop"]
+
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]+)\s*$")
+
+
+class BudgetError(ValueError):
+    """A budget string that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: BudgetKind
+    amount: float
+    """Seconds for 'time', epochs, steps, or FLOPs."""
+    spec: str
+    """The string the user gave, kept for records and run names."""
+
+    @property
+    def seconds(self) -> float | None:
+        return self.amount if self.kind == "time" else None
+
+
+def parse_budget(spec: str) -> Budget:
+    """Parse a budget string; a bare number, a zero or negative amount, or an unknown unit is an error."""
+    text = str(spec).strip()
+    if text.startswith("-"):
+        raise BudgetError(f"--budget {spec!r}: must be positive")
+    m = _PATTERN.match(text)
+    if not m:
+        raise BudgetError(f"--budget {spec!r}: expected a number with a unit, e.g. 90s, 3m, 2h, 2d, 300ep, "
+                          "5000steps, 2e18flop")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"--budget {spec!r}: must be positive")
+    if unit in _TIME_UNITS:
+        return Budget("time", value * _TIME_UNITS[unit], text)
+    if unit in ("ep", "epoch", "epochs"):
+        return Budget("epochs", value, text)
+    if unit in ("step", "steps"):
+        if value != int(value):
+            raise BudgetError(f"--budget {spec!r}: steps must be a whole number")
+        return Budget("steps", value, text)
+    if unit in ("flop", "flops"):
+        return Budget("flop", value, text)
+    raise BudgetError(f"--budget {spec!r}: unknown unit {unit!r}; use s, m, h, d, ep, steps or flop")
+
+
+def steps_for_budget(
+    budget: Budget,
+    *,
+    steps_per_epoch: int,
+    global_batch: int,
+    seconds_per_step: float | None = None,
+    flops_per_image: float | None = None,
+) -> int:
+    """The fixed number of optimizer steps a budget buys (at least 1)."""
+    if budget.kind == "steps":
+        n = budget.amount
+    elif budget.kind == "epochs":
+        n = budget.amount * steps_per_epoch
+    elif budget.kind == "time":
+        if seconds_per_step is None or seconds_per_step <= 0:
+            raise BudgetError("a wall-clock budget needs a calibrated seconds_per_step")
+        n = budget.amount / seconds_per_step
+    else:
+        if not flops_per_image:
+            raise BudgetError("a FLOP budget needs the method's analytic FLOPs per image (repro.flops)")
+        n = budget.amount / (flops_per_image * global_batch)
+    return max(1, int(n))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    seconds_per_step: float
+    timed_steps: int
+    warmup_steps: int
+    wall_seconds: float
+    """Wall-clock spent calibrating (warm-up included); not part of the training budget."""
+
+
+def calibrated(step_times: list[float], warmup_steps: int, wall_seconds: float) -> Calibration:
+    """Mean of the timed steps: the total of a run is a sum of steps, so the mean (not the median) predicts it."""
+    if not step_times:
+        raise BudgetError("calibration timed no steps")
+    return Calibration(sum(step_times) / len(step_times), len(step_times), warmup_steps, wall_seconds)
+
+
+def format_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.1f}m"
+    return f"{s / 3600:.1f}h"

@@ -1,0 +1,313 @@
+"""Typed run configuration: frozen dataclasses and the strict ``--set key=value`` override parser.
+
+Every knob of a run lives in one of the dataclasses below; a method's own knobs live in its
+``<Name>Config`` (see :mod:`repro.method`). Overrides are dotted paths (``train.batch_size=256``,
+``method.mask_ratio=0.8``); an unknown key or a value of the wrong type is a :class:`ConfigError`
+naming the key, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Union
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "vit_base_patch16_224"
+    """timm model name passed to ``timm.create_model`` (stock VisionTransformer)."""
+    img_size: int | None = None
+    """Input resolution; None keeps the timm default (224)."""
+    patch_size: int | None = None
+    """Patch size override (e.g. 4 for 32-px data); None keeps the name's value."""
+    depth: int | None = None
+    """Number of blocks override (small recipes only); None keeps the name's value."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth during pre-training (0 in MAE/MiCL pre-training)."""
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model`` that rebuild this exact architecture."""
+        kw: dict[str, Any] = {"num_classes": 0}
+        if self.img_size is not None:
+            kw["img_size"] = self.img_size
+        if self.patch_size is not None:
+            kw["patch_size"] = self.patch_size
+        if self.depth is not None:
+            kw["depth"] = self.depth
+        return kw
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str | None = None
+    """Dataset root (ImageFolder with train/ and val/ or test/, or CIFAR pickles); None = built-in shapes."""
+    builtin_train: int = 5_000
+    """Training images of the built-in procedural dataset."""
+    builtin_test: int = 1_000
+    """Test images of the built-in procedural dataset."""
+    builtin_seed: int = 0
+    """Seed of the built-in dataset (train uses it, test uses it + 1); fixed so every run sees the same data."""
+    in_memory: str = "auto"
+    """'auto' decodes small-image datasets (<= 64 px) once to a uint8 tensor; 'yes' forces it; 'no' streams."""
+    num_workers: int = 8
+    """DataLoader workers for the streaming (ImageFolder at full resolution) path."""
+    bad_images: str = "skip"
+    """Corrupt/unreadable image policy: 'skip' (count and warn) or 'fail'."""
+
+    def __post_init__(self) -> None:
+        if self.in_memory not in ("auto", "yes", "no"):
+            raise ConfigError(f"data.in_memory must be auto|yes|no, got {self.in_memory!r}")
+        if self.bad_images not in ("skip", "fail"):
+            raise ConfigError(f"data.bad_images must be skip|fail, got {self.bad_images!r}")
+        if self.builtin_train < 1 or self.builtin_test < 1:
+            raise ConfigError("data.builtin_train and data.builtin_test must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    batch_size: int | None = None
+    """Global batch over all processes; None = the method's paper batch."""
+    base_lr: float | None = None
+    """Base learning rate (scaled by batch/256 unless the method's lr is absolute); None = paper value."""
+    weight_decay: float | None = None
+    """AdamW weight decay; None = paper value."""
+    warmup_fraction: float | None = None
+    """Fraction of total steps spent in linear warmup; None = paper warmup_epochs / epochs."""
+    min_lr: float | None = None
+    """Floor of the cosine schedule; None = paper value."""
+    clip_grad: float | None = None
+    """Global gradient-norm clip; None = no clipping (MAE and MiCL do not clip)."""
+    optimizer: str = "adamw"
+    """'adamw' (fused on CUDA, foreach on CPU) or 'lars'."""
+    log_every: int = 20
+    """Steps between metric lines (the only host syncs of the loop)."""
+    ckpt_every_s: float = 600.0
+    """Seconds between periodic checkpoints (one is always written at the end)."""
+    amp: bool = True
+    """bf16 autocast on CUDA (CPU always runs fp32)."""
+    compile: bool = False
+    """Wrap the method in torch.compile."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "lars"):
+            raise ConfigError(f"train.optimizer must be adamw|lars, got {self.optimizer!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("train.batch_size must be positive")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError("train.warmup_fraction must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto|cpu|cuda, got {self.device!r}")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetConfig:
+    spec: str = "3m"
+    """Pre-training budget per method: 90s, 3m, 2h, 2d (wall-clock), 300ep, 5000steps, 2e18flop."""
+    calib_warmup_steps: int = 2
+    """Untimed steps before calibration (allocator, autotuning, compile)."""
+    calib_min_steps: int = 5
+    """Fewest timed calibration steps."""
+    calib_max_fraction: float = 0.05
+    """Calibration stops adding steps once it has used this fraction of a wall-clock budget."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    knn_k: int = 20
+    """k of the weighted kNN vote (DINO protocol)."""
+    knn_temperature: float = 0.07
+    """Temperature of the kNN vote weights exp(sim / T)."""
+    linear_epochs: int = 90
+    """Linear-probe epochs (MAE protocol: 90)."""
+    linear_warmup_epochs: int = 10
+    """Linear-probe warmup epochs (MAE protocol: 10)."""
+    linear_batch_size: int = 16384
+    """Linear-probe batch (MAE protocol: 16384); capped at the training-set size."""
+    linear_base_lrs: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2, 0.4)
+    """Base learning rates swept (x batch/256); MAE's default is 0.1."""
+    holdout_fraction: float = 0.1
+    """Slice of train held out to select the linear-probe learning rate."""
+    feature_batch_size: int = 256
+    """Batch for frozen feature extraction."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 0.5:
+            raise ConfigError("eval.holdout_fraction must be in (0, 0.5)")
+        if not self.linear_base_lrs:
+            raise ConfigError("eval.linear_base_lrs must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one pre-training run of one method depends on."""
+
+    method: str
+    method_cfg: Any
+    """The method's own frozen ``<Name>Config``."""
+    recipe: str = "in1k"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+    _SECTIONS = ("model", "data", "train", "budget", "eval")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"method": self.method, "recipe": self.recipe, "seed": self.seed, "method_cfg": _asdict(self.method_cfg)}
+        for name in self._SECTIONS:
+            d[name] = _asdict(getattr(self, name))
+        return d
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the numbers (not logging/checkpoint cadence or worker count)."""
+        d = self.to_dict()
+        for noise in ("log_every", "ckpt_every_s", "device"):
+            d["train"].pop(noise, None)
+        d["data"].pop("num_workers", None)
+        d.pop("eval", None)  # evals are keyed separately; the pretraining run is the same
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+# ----------------------------------------------------------------------------------------- overrides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (a string from the CLI or a Python value from a recipe) to type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot use {value!r} as {' | '.join(_type_name(a) for a in args)}")
+    if origin is tuple:
+        (elem, *rest) = typing.get_args(tp)
+        items = value if isinstance(value, (tuple, list)) else [v for v in str(value).strip("()[] ").split(",") if v]
+        return tuple(coerce(v.strip() if isinstance(v, str) else v, elem, key) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _replace_field(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
+    if not is_dataclass(obj):
+        raise ConfigError(f"unknown key {full_key!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    head = path[0]
+    if head not in names or head.startswith("_"):
+        section = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        raise ConfigError(f"unknown key {full_key!r}; valid keys{' under ' + section if section else ''}: "
+                          f"{', '.join(n for n in names if not n.startswith('_'))}")
+    if len(path) == 1:
+        try:
+            return replace(obj, **{head: coerce(value, hints[head], full_key)})
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{full_key}: {e}") from None
+    return replace(obj, **{head: _replace_field(getattr(obj, head), path[1:], value, full_key)})
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Apply dotted ``key -> value`` overrides strictly (unknown keys and bad types raise ConfigError)."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] == "method":
+            if len(parts) < 2:
+                raise ConfigError("'method' needs a field, e.g. method.mask_ratio=0.8")
+            try:
+                new_m = _replace_field(cfg.method_cfg, parts[1:], value, key)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (method {cfg.method})") from None
+            cfg = replace(cfg, method_cfg=new_m)
+        elif parts[0] == "seed" and len(parts) == 1:
+            cfg = replace(cfg, seed=coerce(value, int, key))
+        elif parts[0] in RunConfig._SECTIONS and len(parts) >= 2:
+            section = _replace_field(getattr(cfg, parts[0]), parts[1:], value, key)
+            cfg = replace(cfg, **{parts[0]: section})
+        else:
+            raise ConfigError(f"unknown key {key!r}; keys start with one of: method, "
+                              f"{', '.join(RunConfig._SECTIONS)}, seed")
+    return cfg
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    """Parse ``["a.b=1", "c.d=x"]`` into a dict, rejecting items without '='."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+__all__ = [
+    "BudgetConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "coerce",
+    "parse_set_args",
+]

@@ -1,0 +1,456 @@
+"""Datasets and the batch sources the trainer draws from.
+
+Layouts read:
+- **built-in** (no ``--data``): procedural shapes and textures, 10 classes, 32 px, deterministic from a seed.
+  Needs no download and has real, learnable structure, so the demo's kNN/linear numbers mean something.
+- **ImageFolder**: ``ROOT/train/<class>/*.jpg`` and ``ROOT/val/...`` or ``ROOT/test/...``.
+- **CIFAR-10/100 python pickles** (``data_batch_1..5``/``test_batch`` or ``train``/``test``), read with an
+  unpickler that only admits the numpy array types those files contain.
+
+Small images (<= 64 px, ``data.in_memory=auto``) are decoded once into a uint8 tensor held on the training
+device; crops, flips and masks are then made there in batches (:class:`TensorBatchSource`). Larger
+images stream through a DataLoader with workers, pinned memory and per-image torchvision transforms
+(:class:`StreamBatchSource`).
+
+The order of the data is a pure function of (seed, epoch): step ``s`` of a run always sees the same images,
+which is what lets a resumed run continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from repro.config import DataConfig
+from repro.method import Batch
+from repro.views import TensorAugment, ViewSpec, normalize_uint8, pil_eval_transform, pil_view_transform
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+SMALL_IMAGE_MAX = 64
+BUILTIN_CLASSES = ("disk", "square", "triangle", "ring", "cross", "plus", "diamond", "hstripes", "vstripes",
+                   "checker")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the path."""
+
+
+@dataclass
+class TensorImages:
+    """A split decoded into memory: uint8 images (N, 3, H, W) and int64 labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class FileImages:
+    """A split streamed from disk: one path and label per image."""
+
+    paths: list[str]
+    labels: Tensor
+    classes: list[str]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+Split = TensorImages | FileImages
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    """Short dataset name used in records and result tables (e.g. 'builtin-shapes', 'cifar10')."""
+    train: Split
+    test: Split
+    test_split_name: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, TensorImages)
+
+    @property
+    def native_size(self) -> int | None:
+        return int(self.train.images.shape[-1]) if isinstance(self.train, TensorImages) else None
+
+
+# ----------------------------------------------------------------------------------------- built-in data
+
+
+def make_shapes(n: int, seed: int, size: int = 32) -> TensorImages:
+    """``n`` procedural images: a shape class (disk, square, ..., stripes, checker) with random colours,
+    position, scale, a background gradient and pixel noise. Balanced classes, deterministic from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(BUILTIN_CLASSES)
+    labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    xx, yy = xx[None], yy[None]  # (1, S, S)
+
+    def u(lo: float, hi: float) -> Tensor:
+        return torch.empty(n, 1, 1).uniform_(lo, hi, generator=g)
+
+    c = size / 32.0
+    cx, cy, r = u(11 * c, 21 * c), u(11 * c, 21 * c), u(6 * c, 10 * c)
+    dx, dy = xx - cx, yy - cy
+    d = torch.sqrt(dx ** 2 + dy ** 2)
+    cheb = torch.maximum(dx.abs(), dy.abs())
+    freq, phase, cell = u(0.5, 1.1), u(0, 2 * math.pi), torch.randint(3, 7, (n, 1, 1), generator=g).float()
+    masks = torch.stack([
+        d < r,
+        cheb < 0.8 * r,
+        (dy < 0.75 * r) & (dx.abs() < 0.55 * (dy + 0.9 * r)),
+        (d < r) & (d > 0.55 * r),
+        (torch.minimum((dx - dy).abs(), (dx + dy).abs()) < 0.3 * r) & (cheb < r),
+        ((dx.abs() < 0.28 * r) | (dy.abs() < 0.28 * r)) & (cheb < r),
+        dx.abs() + dy.abs() < r,
+        torch.sin(yy * freq + phase) > 0,
+        torch.sin(xx * freq + phase) > 0,
+        ((torch.floor(xx / cell) + torch.floor(yy / cell)) % 2) == 0,
+    ], dim=1)  # (n, k, S, S)
+    mask = masks[torch.arange(n), labels].float().unsqueeze(1)  # (n, 1, S, S)
+    fg = torch.rand(n, 3, 1, 1, generator=g) * 255
+    bg = torch.rand(n, 3, 1, 1, generator=g) * 255
+    # keep foreground and background apart so every image shows its shape
+    close = (fg - bg).abs().mean(dim=1, keepdim=True) < 60
+    fg = torch.where(close, 255 - bg, fg)
+    angle = torch.rand(n, 1, 1, 1, generator=g) * 2 * math.pi
+    grad = (torch.cos(angle) * xx[:, None] + torch.sin(angle) * yy[:, None]) / size - 0.5  # (n, 1, S, S)
+    img = bg * (1 - mask) + fg * mask + 40 * grad + 12 * torch.randn(n, 3, size, size, generator=g)
+    return TensorImages(img.round().clamp(0, 255).to(torch.uint8), labels.long(), list(BUILTIN_CLASSES))
+
+
+# ----------------------------------------------------------------------------------------- CIFAR pickles
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR's python pickles hold (dicts, lists, bytes, numpy arrays); anything else is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_cifar_file(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - any failure is a bad data file
+        raise DataError(f"{path}: not a readable CIFAR pickle ({e})") from None
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def _cifar_root(root: Path) -> Path | None:
+    for cand in (root, root / "cifar-10-batches-py", root / "cifar-100-python"):
+        if (cand / "data_batch_1").is_file() or ((cand / "train").is_file() and (cand / "meta").is_file()):
+            return cand
+    return None
+
+
+def load_cifar(root: Path) -> tuple[str, TensorImages, TensorImages]:
+    if (root / "data_batch_1").is_file():
+        meta = _load_cifar_file(root / "batches.meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
+        files = sorted(root.glob("data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+        parts = [_load_cifar_file(p) for p in files]
+        test = [_load_cifar_file(root / "test_batch")]
+        key, name = "labels", "cifar10"
+    else:
+        meta = _load_cifar_file(root / "meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["fine_label_names"]]
+        parts, test = [_load_cifar_file(root / "train")], [_load_cifar_file(root / "test")]
+        key, name = "fine_labels", "cifar100"
+
+    def stack(batches: list[dict], where: str) -> TensorImages:
+        try:
+            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+            labels = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
+        except KeyError as e:
+            raise DataError(f"{root}: CIFAR {where} pickle lacks key {e}") from None
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{root}: CIFAR {where} data has shape {data.shape}, expected (N, 3072)")
+        imgs = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+        return TensorImages(imgs, torch.from_numpy(labels), classes)
+
+    return name, stack(parts, "train"), stack(test, "test")
+
+
+# ----------------------------------------------------------------------------------------- ImageFolder
+
+
+def _scan_split(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
+    names = [p.name for p in class_dirs]
+    if classes is None:
+        classes = names
+    else:
+        extra = sorted(set(names) - set(classes))
+        if extra:
+            raise DataError(f"{split_dir}: class folders not in train/: {', '.join(extra[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for cdir in class_dirs:
+        files = sorted(f for f in cdir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{cdir}: empty class folder (no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS[:3])} images)")
+        paths += [str(f) for f in files]
+        labels += [index[cdir.name]] * len(files)
+    return paths, labels, classes
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")  # grayscale, CMYK, RGBA and palette images become RGB
+
+
+def _decode_all(paths: list[str], policy: str) -> tuple[Tensor, list[int], int]:
+    """Decode small images into (N, 3, H, W) uint8; returns the tensor, kept indices and the skipped count."""
+
+    def one(i: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            return i, np.asarray(_open_rgb(paths[i]), dtype=np.uint8), None
+        except Exception as e:  # noqa: BLE001 - corrupt/truncated/unreadable files all end here
+            return i, None, f"{type(e).__name__}: {e}"
+
+    workers = min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(one, range(len(paths)), chunksize=256))
+    arrays: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped = 0
+    shape = None
+    for i, arr, err in results:
+        if arr is None:
+            if policy == "fail":
+                raise DataError(f"{paths[i]}: cannot decode image ({err})")
+            skipped += 1
+            if skipped <= 5:
+                warnings.warn(f"skipping unreadable image {paths[i]} ({err})", stacklevel=2)
+            continue
+        if shape is None:
+            shape = arr.shape
+        elif arr.shape != shape:
+            raise DataError(f"{paths[i]}: size {arr.shape[1]}x{arr.shape[0]} differs from {shape[1]}x{shape[0]}; "
+                            "the in-memory path needs one size (use data.in_memory=no to stream)")
+        arrays.append(arr)
+        kept.append(i)
+    if not arrays:
+        raise DataError(f"{Path(paths[0]).parent.parent}: no readable image")
+    stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return stacked, kept, skipped
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def load_imagefolder(root: Path, cfg: DataConfig) -> DatasetSplits:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{root}: no train/ folder (expected ImageFolder: train/<class>/*, val/ or test/)")
+    test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+    if test_name is None:
+        raise DataError(f"{root}: no val/ or test/ folder beside train/")
+    tr_paths, tr_labels, classes = _scan_split(train_dir, None)
+    te_paths, te_labels, _ = _scan_split(root / test_name, classes)
+    w, h = _image_size(tr_paths[0])
+    small = max(w, h) <= SMALL_IMAGE_MAX
+    in_memory = cfg.in_memory == "yes" or (cfg.in_memory == "auto" and small)
+    name = root.name or "imagefolder"
+    splits: list[Split] = []
+    for paths, labels in ((tr_paths, tr_labels), (te_paths, te_labels)):
+        if in_memory:
+            imgs, kept, skipped = _decode_all(paths, cfg.bad_images)
+            lab = torch.tensor(labels, dtype=torch.long)[torch.tensor(kept, dtype=torch.long)]
+            splits.append(TensorImages(imgs, lab, classes, skipped))
+        else:
+            splits.append(FileImages(paths, torch.tensor(labels, dtype=torch.long), classes))
+    return DatasetSplits(name, splits[0], splits[1], test_name)
+
+
+def load_data(cfg: DataConfig) -> DatasetSplits:
+    """Resolve ``data.path`` (None = built-in) into train and test splits, with a one-line error when unusable."""
+    if cfg.path is None:
+        train = make_shapes(cfg.builtin_train, seed=cfg.builtin_seed)
+        test = make_shapes(cfg.builtin_test, seed=cfg.builtin_seed + 1)
+        return DatasetSplits("builtin-shapes", train, test, "test")
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: data path does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: data path is not a directory")
+    cifar = _cifar_root(root)
+    if cifar is not None:
+        name, train, test = load_cifar(cifar)
+        return DatasetSplits(name, train, test, "test")
+    if not any(root.iterdir()):
+        raise DataError(f"{root}: data directory is empty")
+    return load_imagefolder(root, cfg)
+
+
+# ----------------------------------------------------------------------------------------- batch sources
+
+
+class StepSampler:
+    """Which images step ``s`` uses on this rank: a pure function of (seed, epoch), drop-last batches."""
+
+    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise DataError(f"train.batch_size={global_batch} is not divisible by the {world_size} processes")
+        if global_batch > num_images:
+            raise DataError(f"train.batch_size={global_batch} is larger than the training set ({num_images} images);"
+                            " set train.batch_size")
+        self.n, self.global_batch, self.seed = num_images, global_batch, seed
+        self.rank, self.world = rank, world_size
+        self.local_batch = global_batch // world_size
+        self.steps_per_epoch = num_images // global_batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        start = i * self.global_batch + self.rank * self.local_batch
+        return self._perm[start:start + self.local_batch]
+
+
+class TensorBatchSource:
+    """Augmented batches from a uint8 image tensor that lives on the training device."""
+
+    def __init__(self, split: TensorImages, spec: ViewSpec, size: int, mean, std, sampler: StepSampler,
+                 device: torch.device) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.augment = TensorAugment(spec, size, mean, std)
+        self.sampler = sampler
+        self.device = device
+
+    def batch(self, step: int) -> Batch:
+        idx = self.sampler.indices(step).to(self.device)
+        return Batch(self.augment(self.images[idx]), self.labels[idx])
+
+    def batches(self, start: int, stop: int) -> Iterator[Batch]:
+        for s in range(start, stop):
+            yield self.batch(s)
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, split: FileImages, transform, policy: str) -> None:
+        self.split, self.transform, self.policy = split, transform, policy
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        for attempt in range(len(self.split)):
+            j = (i + attempt) % len(self.split)
+            try:
+                img = _open_rgb(self.split.paths[j])
+            except Exception as e:  # noqa: BLE001
+                if self.policy == "fail":
+                    raise DataError(f"{self.split.paths[j]}: cannot decode image ({e})") from None
+                log.warning("skipping unreadable image %s (%s)", self.split.paths[j], e)
+                continue
+            out = self.transform(img)
+            return (out if isinstance(out, tuple) else (out,)), int(self.split.labels[j])
+        raise DataError("no readable image in the dataset")
+
+
+class _StepBatchSampler(torch.utils.data.Sampler):
+    def __init__(self, sampler: StepSampler, start: int, stop: int) -> None:
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self):
+        for s in range(self.start, self.stop):
+            yield self.sampler.indices(s).tolist()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class StreamBatchSource:
+    """Per-image torchvision transforms in DataLoader workers (ImageFolder at full resolution)."""
+
+    def __init__(self, split: FileImages, spec: ViewSpec, size: int, mean, std, sampler: StepSampler,
+                 device: torch.device, num_workers: int, policy: str) -> None:
+        self.dataset = _FileDataset(split, pil_view_transform(spec, size, mean, std), policy)
+        self.sampler, self.device, self.num_workers = sampler, device, num_workers
+
+    def batches(self, start: int, stop: int) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_StepBatchSampler(self.sampler, start, stop), num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+        for views, labels in loader:
+            yield Batch(tuple(v.to(self.device, non_blocking=True) for v in views),
+                        labels.to(self.device, non_blocking=True))
+
+
+def make_batch_source(data: DatasetSplits, spec: ViewSpec, size: int, sampler: StepSampler, device: torch.device,
+                      cfg: DataConfig):
+    if isinstance(data.train, TensorImages):
+        return TensorBatchSource(data.train, spec, size, data.mean, data.std, sampler, device)
+    return StreamBatchSource(data.train, spec, size, data.mean, data.std, sampler, device, cfg.num_workers,
+                             cfg.bad_images)
+
+
+def eval_batches(split: Split, size: int, mean, std, batch_size: int, device: torch.device,
+                 num_workers: int = 4) -> Iterator[tuple[Tensor, Tensor]]:
+    """Deterministic evaluation views (resize/centre-crop + normalise) of a whole split, in order."""
+    if isinstance(split, TensorImages):
+        for i in range(0, len(split), batch_size):
+            x = split.images[i:i + batch_size].to(device)
+            yield normalize_uint8(x, size, mean, std), split.labels[i:i + batch_size].to(device)
+        return
+    ds = _FileDataset(split, pil_eval_transform(size, mean, std), "skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                         pin_memory=device.type == "cuda")
+    for views, labels in loader:
+        yield views[0].to(device), labels.to(device)

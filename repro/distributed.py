@@ -1,0 +1,122 @@
+"""The only module that imports ``torch.distributed``: init from torchrun's environment, DDP, gathers.
+
+The same command runs on one CPU, one GPU or many nodes: ``torchrun --nproc-per-node K -m repro.run ...``.
+On a single process every collective here is the identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise from torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA."""
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = None
+    if ws > 1 and not is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda and ws == 1:
+        torch.cuda.set_device(device)
+    return DistInfo(rank(), world_size(), local_rank, device, backend)
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0, without gradient (MoCo's ``concat_all_gather``)."""
+    if not is_initialized():
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out, dim=0)
+
+
+def gather_with_local_grad(x: Tensor) -> Tensor:
+    """Like :func:`all_gather`, but this rank's own rows keep their gradient (the other ranks' rows are constants)."""
+    if not is_initialized():
+        return x
+    gathered = list(all_gather(x).split(x.shape[0]))
+    gathered[rank()] = x
+    return torch.cat(gathered, dim=0)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    if not is_initialized():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    if not is_initialized():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP on more than one process (SyncBatchNorm conversion for methods whose heads use BN), else the module."""
+    if not is_initialized():
+        return module
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

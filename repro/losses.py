@@ -1,0 +1,71 @@
+"""Loss functions: pure functions of tensors, each documented with the sentence or code it implements.
+
+Shapes: B batch, N tokens, D width, P = p*p*3 pixels per patch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def tsp_similarity(cos: Tensor, kappa: float, temperature: float) -> Tensor:
+    """MiCL's t-distributed spherical similarity, ``0.5 (1 + c) / (1 + kappa (1 - c)) / T``.
+
+    Maps a cosine c in [-1, 1] to a logit: 0 at c = -1, ``1 / T`` at c = 1, with heavy tails set by kappa
+    (kappa -> 0 recovers the linear map ``(1 + c) / (2 T)``).
+    """
+    return 0.5 * (1.0 + cos) / (1.0 + kappa * (1.0 - cos)) / temperature
+
+
+def symmetric_tsp_info_nce(
+    a: Tensor, b: Tensor, *, kappa: float, temperature: float, b_all: Tensor | None = None,
+    a_all: Tensor | None = None, offset: int = 0,
+) -> Tensor:
+    """MiCL loss: ``0.5 [CE(tSP(a b^T), i) + CE(tSP(b a^T), i)]`` over L2-normalised (B, D) cls features.
+
+    Negatives are the other rows of the batch. ``a_all``/``b_all`` are optional (B_total, D) gathered
+    features whose rows ``offset .. offset + B`` are this process's ``a``/``b`` (cross-device negatives).
+    """
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    a_all = a if a_all is None else F.normalize(a_all.float(), dim=-1)
+    b_all = b if b_all is None else F.normalize(b_all.float(), dim=-1)
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    logits_ab = tsp_similarity(a @ b_all.t(), kappa, temperature)
+    logits_ba = tsp_similarity(b @ a_all.t(), kappa, temperature)
+    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+
+
+def normalized_pixel_target(target: Tensor, eps: float = 1e-6) -> Tensor:
+    """MAE ``norm_pix_loss``: per patch, ``(x - mean) / sqrt(var + eps)`` with the unbiased variance."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)  # torch default is unbiased, as in MAE's code
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean over masked patches of the per-patch mean squared error. pred, target (B, N, P); mask (B, N) bool."""
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    m = mask.to(per_patch.dtype)
+    return (per_patch * m).sum() / m.sum()
+
+
+def masked_l1(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean over masked patches of the per-patch mean absolute error. pred, target (B, N, P); mask (B, N) bool."""
+    per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
+    m = mask.to(per_patch.dtype)
+    return (per_patch * m).sum() / m.sum()
+
+
+def info_nce(q: Tensor, k: Tensor, temperature: float, offset: int = 0) -> Tensor:
+    """Cross-entropy of ``normalize(q) normalize(k)^T / T`` with positives on the diagonal shifted by ``offset``.
+
+    q (B, D); k (B_total, D) — the keys, possibly gathered across devices (row ``offset + i`` pairs with q_i).
+    """
+    q = F.normalize(q.float(), dim=-1)
+    k = F.normalize(k.float(), dim=-1)
+    logits = q @ k.t() / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(logits, labels)

@@ -1,0 +1,108 @@
+"""The method contract: what the trainer hands a method, what it gets back, and the base class.
+
+A method is one file plus one line in :mod:`repro.registry`. It computes its loss and nothing else:
+no ``backward()``, optimizer, AMP scaler or process groups (the trainer owns those). Schedules inside a
+method (EMA momentum, ...) are functions of ``step.progress`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+from torch import Tensor, nn
+
+from repro.backbone import BackboneOptions, MaskedViT
+from repro.config import ConfigError
+from repro.views import ViewSpec
+
+
+class Batch(NamedTuple):
+    """One step's input: the augmented views the method declared, each (B, 3, H, W), normalised."""
+
+    views: tuple[Tensor, ...]
+    labels: Tensor | None = None
+    """Class labels; never used by pre-training losses (kept for monitors and supervised baselines)."""
+
+
+class StepInfo(NamedTuple):
+    step: int
+    """0-based index of the optimizer step being computed."""
+    total_steps: int
+    """The run's fixed step count (from the calibrated budget)."""
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor
+    """Scalar loss to back-propagate."""
+    logs: dict[str, Tensor]
+    """Named scalar parts of ``loss`` (their sum, or their stated combination, is ``loss``);
+    keys starting with ``aux/`` are monitors that are not part of the loss."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Optimisation defaults every method states from its paper (subclasses override the values)."""
+
+    batch_size: int = 4096
+    """Global pre-training batch."""
+    base_lr: float = 1.5e-4
+    """Base learning rate; the actual lr is base_lr * batch / 256 unless ``lr_is_absolute``."""
+    lr_is_absolute: bool = False
+    """True when the paper gives an absolute lr (no batch scaling)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms, position embeddings, cls/mask tokens)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_epochs: float = 40.0
+    """Linear-warmup epochs of the paper schedule (a budgeted run keeps the ratio warmup_epochs / epochs)."""
+    epochs: float = 800.0
+    """Paper pre-training epochs (reference for the warmup ratio)."""
+    min_lr: float = 0.0
+    """Floor of the half-cycle cosine."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.base_lr <= 0 or self.epochs <= 0:
+            raise ConfigError("batch_size, base_lr and epochs must be positive")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError("warmup_epochs must be in [0, epochs)")
+
+
+class PretrainMethod(nn.Module):
+    """Base class of every pre-training method (see DESIGN.md, "The method contract")."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: MethodConfig, backbone: MaskedViT) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+
+    @classmethod
+    def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
+        """What this method needs from the shared backbone (position embedding, init, [MASK] token)."""
+        return BackboneOptions()
+
+    @property
+    def views(self) -> ViewSpec:
+        """The augmentation pipeline the data loader must produce for this method."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch, step: StepInfo, *, noise: Tensor | None = None) -> StepOutput:  # noqa: D401
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: StepInfo) -> None:
+        """EMA / momentum updates; called once after every optimizer step. Default: nothing."""
+
+    def eval_backbone(self) -> MaskedViT:
+        """The encoder that is exported and evaluated (online by default; momentum for some methods)."""
+        return self.backbone
+
+    def flops_per_image(self) -> float:
+        """Analytic training FLOPs per image (forward + backward) for FLOP budgets and MFU."""
+        raise NotImplementedError(f"{self.name} does not define flops_per_image")

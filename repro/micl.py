@@ -1,0 +1,134 @@
+"""MiCL — Masked Image Contrastive Learning.
+
+Paper: "Masked Image Contrastive Learning for Efficient Visual Conceptual Pre-training", arXiv 2411.09858
+(ICML'25 title "One Leaf Reveals the Season: Occlusion-Based Contrastive Learning", OCL). Official code:
+the anonymous OCL release, built from MAE's code; its code defaults (not its leftover PRETRAIN.md) are the
+reference (METHODS.md, "MiCL").
+
+One image -> patch-embed all N patches (+ fixed sin-cos positions) -> random-mask with ratio r, keeping an
+even count ``len_keep`` -> split the kept tokens (in ``ids_shuffle`` order) into two disjoint halves ->
+encode both halves as separate sequences (cls prepended) with the same online encoder -> InfoNCE between
+the two cls outputs under the t-distributed spherical similarity. No projector, predictor, EMA, decoder,
+reconstruction or colour augmentation.
+
+Deviations:
+1. Negatives come from groups of ``loss_group_size`` images (default 1800, the official per-GPU batch), so
+   the objective is the official 4 x 1800 one whatever the number of devices; with ``loss_group_size=None``
+   the whole per-device batch is one group. Official: the per-device batch, whatever its size. Identical
+   when the per-device batch is 1800.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from repro import distributed
+from repro.backbone import BackboneOptions
+from repro.config import ConfigError
+from repro.flops import TRAIN, encoder_flops, patch_embed_flops
+from repro.losses import symmetric_tsp_info_nce
+from repro.masking import draw_noise, len_keep_even, random_masking
+from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.views import ViewSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class MiCLConfig(MethodConfig):
+    mask_ratio: float = 0.9
+    """Fraction of patches removed; the kept count is rounded down to even (official code, main_pretrain.py)."""
+    kappa: float = 1 / 64
+    """t-SP tail parameter kappa (paper Sec. 3, official loss)."""
+    temperature: float = 0.07
+    """t-SP temperature T (official loss)."""
+    gather_negatives: bool = False
+    """Use every device's images as negatives (not in the official code; default off to match it)."""
+    loss_group_size: int | None = 1800
+    """Images per InfoNCE group: the official per-GPU batch (batch 1800 x 4 GPUs). None = whole local batch."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop scale (official code, as MAE)."""
+    # official code defaults (main_pretrain.py of the OCL release): 4 GPUs x 1800, 200 epochs, blr 5e-5
+    batch_size: int = 7200
+    """Global batch: 1800 per GPU on 4 GPUs (official code)."""
+    base_lr: float = 5e-5
+    """Base lr, scaled by batch / 256 (official code default)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (official code)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (official code, from MAE)."""
+    warmup_epochs: float = 10.0
+    """Warmup epochs (official code)."""
+    epochs: float = 200.0
+    """Pre-training epochs (official code)."""
+    min_lr: float = 0.0
+    """Cosine floor (official code)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.kappa < 0 or self.temperature <= 0:
+            raise ConfigError("method.kappa must be >= 0 and method.temperature > 0")
+        if self.loss_group_size is not None and self.loss_group_size < 2:
+            raise ConfigError("method.loss_group_size must be >= 2 (or none)")
+
+
+class MiCL(PretrainMethod):
+    name = "micl"
+    config_cls = MiCLConfig
+    cfg: MiCLConfig
+
+    def __init__(self, cfg: MiCLConfig, backbone) -> None:
+        super().__init__(cfg, backbone)
+        self.len_keep = len_keep_even(backbone.num_patches, cfg.mask_ratio)
+        if self.len_keep < 2:
+            raise ConfigError(f"method.mask_ratio={cfg.mask_ratio} keeps {self.len_keep} of {backbone.num_patches} "
+                              "patches; MiCL needs at least one per view")
+
+    @classmethod
+    def backbone_options(cls, cfg: MiCLConfig) -> BackboneOptions:
+        return BackboneOptions(pos_embed="sincos", init="mae")
+
+    @property
+    def views(self) -> ViewSpec:
+        return ViewSpec(kind="crop_flip", count=1, scale=self.cfg.crop_scale)
+
+    def encode_views(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The two cls features (B, D) of one image's disjoint visible halves."""
+        bb = self.backbone
+        tokens = bb.embed(x)  # (B, N, D)
+        b, n, d = tokens.shape
+        m = random_masking(draw_noise(b, n, tokens.device, noise), self.len_keep)
+        kept = torch.gather(tokens, 1, m.ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D)
+        # rows 2i and 2i+1 are image i's first and second half of ids_keep: disjoint views of K/2 tokens
+        pairs = kept.reshape(2 * b, self.len_keep // 2, d)
+        cls = bb.encode(pairs)[:, 0].reshape(b, 2, d)
+        return cls[:, 0], cls[:, 1]
+
+    def forward(self, batch: Batch, step: StepInfo, *, noise: Tensor | None = None) -> StepOutput:
+        a, b = self.encode_views(batch.views[0], noise)
+        c = self.cfg
+        if c.gather_negatives and distributed.world_size() > 1:
+            a_all, b_all, offset = distributed.gather_with_local_grad(a), distributed.gather_with_local_grad(b), \
+                distributed.rank() * a.shape[0]
+            loss = symmetric_tsp_info_nce(a, b, kappa=c.kappa, temperature=c.temperature, a_all=a_all, b_all=b_all,
+                                          offset=offset)
+        else:
+            group = c.loss_group_size or a.shape[0]
+            parts = [symmetric_tsp_info_nce(ga, gb, kappa=c.kappa, temperature=c.temperature)
+                     for ga, gb in zip(a.split(group), b.split(group), strict=True)]
+            sizes = [p.shape[0] for p in a.split(group)]
+            # DEVIATION(1): per-group negatives reproduce the official per-GPU batch; weight groups by size
+            loss = sum(p * s for p, s in zip(parts, sizes, strict=True)) / a.shape[0]
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+        return StepOutput(loss, {"infonce_tsp": loss.detach(), "aux/pos_cosine": cos})
+
+    def flops_per_image(self) -> float:
+        bb = self.backbone
+        vit = bb.vit
+        depth = len(vit.blocks)
+        per_view = encoder_flops(self.len_keep // 2 + 1, bb.embed_dim, depth)
+        return TRAIN * (patch_embed_flops(bb.num_patches, bb.patch_size, bb.embed_dim) + 2 * per_view)

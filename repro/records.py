@@ -1,0 +1,141 @@
+"""Result records: one JSON line per number, appended (never rewritten) under an exclusive file lock.
+
+``results/records/<dataset>.jsonl`` is the source of truth; tables and plots are generated from it by
+:mod:`repro.report`. A torn trailing line (power cut mid-append) is reported by :func:`read_records`,
+not silently dropped and not fatal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultRecord:
+    method: str
+    model: str
+    dataset: str
+    budget: str
+    eval: str
+    """'pretrain', 'knn', 'linear', ..."""
+    metric: str
+    """e.g. 'top1', 'final_loss'."""
+    value: float
+    seed: int
+    selection: str = ""
+    """How hyper-parameters/checkpoints were chosen (never on the reported split)."""
+    device: str = ""
+    world_size: int = 1
+    budget_seconds: float | None = None
+    pretrain_seconds: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    images_per_second: float | None = None
+    device_hours: float | None = None
+    """pretrain_seconds x world_size / 3600 (GPU-hours on CUDA, CPU-process-hours on CPU)."""
+    eval_seconds: float | None = None
+    status: str = "ok"
+    config_hash: str = ""
+    git_revision: str = ""
+    recipe: str = ""
+    time: str = ""
+    note: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResultRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def git_revision() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        rev = out.stdout.strip()
+        if not rev:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_records(path: Path, records: list[ResultRecord]) -> None:
+    """Append whole lines under ``flock``; one ``write`` per batch, then fsync."""
+    if not records:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = "".join(r.to_json() + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # a torn line left by a crash must not swallow our first record: start on a fresh line
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    payload = b"\n" + payload
+        view = memoryview(payload)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ReadProblem:
+    path: str
+    line: int
+    reason: str
+
+
+def read_records(path: Path) -> tuple[list[ResultRecord], list[ReadProblem]]:
+    """All parseable records of one file, plus a problem entry for every line that is not a record."""
+    records: list[ResultRecord] = []
+    problems: list[ReadProblem] = []
+    path = Path(path)
+    if not path.exists():
+        return records, problems
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        last_unterminated = i == len(lines) and not raw.endswith(b"\n")
+        try:
+            records.append(ResultRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            reason = "truncated trailing line (interrupted write?)" if last_unterminated else f"not a record: {e}"
+            problems.append(ReadProblem(str(path), i, reason))
+    return records, problems
+
+
+def read_all(records_dir: Path) -> tuple[list[ResultRecord], list[ReadProblem]]:
+    recs: list[ResultRecord] = []
+    probs: list[ReadProblem] = []
+    for p in sorted(Path(records_dir).glob("*.jsonl")):
+        r, q = read_records(p)
+        recs += r
+        probs += q
+    return recs, probs

@@ -1,0 +1,277 @@
+"""``python -m repro.run``: pre-train methods under one budget, export, evaluate, tabulate.
+
+For each seed and method: resolve the config (method's paper defaults -> recipe -> --model -> --set),
+calibrate the budget into a step count, pre-train with the one trainer, export the backbone
+(safetensors + JSON), run the requested evaluations on the export, append result records and regenerate
+the tables. Re-running the same command resumes an interrupted run and skips finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from repro import distributed
+from repro.backbone import BackboneOptions, MaskedViT
+from repro.budget import BudgetError, parse_budget
+from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, ExportMeta, export_backbone
+from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
+from repro.data import DataError, DatasetSplits, load_data
+from repro.recipes import RECIPES, default_recipe
+from repro.records import ResultRecord, append_records, git_revision, now_iso
+from repro.registry import EVALS, METHODS
+from repro.trainer import NonFiniteLoss, Trainer, TrainResult, read_summary
+
+log = logging.getLogger("repro")
+
+EPILOG = """examples:
+  python -m repro.run micl mae --budget 90s                       # built-in data, CPU, minutes
+  python -m repro.run micl --budget 20m --data /data/imagefolder --model vit_small_patch16_224
+  torchrun --nproc-per-node 2 -m repro.run mae --budget 5m        # same command, DDP
+  python -m repro.run micl --budget 200steps --evals none --out /tmp/runs --seed 1
+  python -m repro.run mae --budget 300ep --set method.mask_ratio=0.8 --set train.batch_size=1024
+
+budgets (per method): 90s 3m 2h 2d = pre-training wall-clock on this hardware (calibrated into a fixed
+step count); 300ep = epochs; 5000steps = optimizer steps; 2e18flop = analytic training FLOPs.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m repro.run", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("methods", nargs="+", metavar="METHOD", help=f"one or more of: {', '.join(METHODS)}")
+    p.add_argument("--budget", required=True, help="per-method pre-training budget, e.g. 90s, 3m, 133h, 300ep, "
+                   "5000steps, 2e18flop (a unit is required)")
+    p.add_argument("--data", default=None, help="dataset root: ImageFolder (train/ + val/ or test/) or CIFAR "
+                   "pickles; default: the built-in procedural shapes (no download)")
+    p.add_argument("--model", default=None, help="timm ViT name, e.g. vit_small_patch16_224 (default: the recipe's)")
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="preset: tiny (built-in/CPU, the default without --data), in1k (paper settings, the "
+                   "default with --data)")
+    p.add_argument("--evals", default="knn,linear", help=f"comma list of {', '.join(EVALS)}, or 'none' "
+                   "(default: knn,linear)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. method.mask_ratio=0.8, train.batch_size=256 (repeatable)")
+    p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0], help="seed(s); default 0")
+    p.add_argument("--out", default="runs", help="where run directories (checkpoints, exports, metrics) go "
+                   "(default: ./runs)")
+    p.add_argument("--results", default="results", help="results directory: records/*.jsonl, tables, plots "
+                   "(default: ./results)")
+    p.add_argument("--no-report", action="store_true", help="do not regenerate tables and plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) -> RunConfig:
+    cls = METHODS[method]
+    recipe = args.recipe or default_recipe(args.data)
+    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe=recipe)
+    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[recipe](method)})
+    cfg = replace(cfg, data=replace(cfg.data, path=args.data))
+    if args.model:
+        cfg = replace(cfg, model=replace(cfg.model, name=args.model))
+    cfg = apply_overrides(cfg, {"budget.spec": args.budget})
+    return apply_overrides(cfg, sets)
+
+
+def run_dir_for(out: Path, dataset: str, cfg: RunConfig) -> Path:
+    budget = cfg.budget.spec.replace("/", "_")
+    return out / dataset / cfg.method / f"{cfg.model.name}-{budget}-s{cfg.seed}-{cfg.config_hash()}"
+
+
+def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict) -> ExportMeta:
+    budget = parse_budget(cfg.budget.spec)
+    return ExportMeta(
+        timm_model=backbone.timm_name, timm_kwargs=backbone.timm_kwargs,
+        img_size=int(backbone.vit.patch_embed.img_size[0]), patch_size=backbone.patch_size,
+        mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=cfg.budget.spec,
+        budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
+        dataset=data.name, seed=cfg.seed, extra=extra,
+    )
+
+
+def _extra(cfg: RunConfig, r: TrainResult) -> dict:
+    return {
+        "pretrain_seconds": r.pretrain_seconds, "images_per_second": r.images_per_second, "epochs": r.plan.epochs,
+        "device": r.device, "world_size": r.world_size, "recipe": cfg.recipe,
+        "device_hours": r.pretrain_seconds * r.world_size / 3600, "final_loss": r.final_loss,
+        "calibration_seconds": r.plan.calibration_seconds, "seconds_per_step_calibrated": r.plan.seconds_per_step,
+        "global_batch": r.plan.global_batch, "lr": r.plan.lr, "warmup_steps": r.plan.warmup_steps,
+        "flops_per_image": r.plan.flops_per_image,
+    }
+
+
+def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
+             records_path: Path) -> ExportMeta:
+    """Train (or resume, or skip when finished) one method; returns the export's metadata."""
+    meta_path = run_dir / EXPORT_META
+    if (run_dir / EXPORT_WEIGHTS).exists() and meta_path.exists() and read_summary(run_dir) is not None:
+        if dist_info.rank == 0:
+            log.info("%s: finished run found in %s, skipping pre-training", cfg.method, run_dir)
+        return ExportMeta.from_json(meta_path)
+    torch.manual_seed(cfg.seed)
+    cls = METHODS[cfg.method]
+    backbone = MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg))
+    method = cls(cfg.method_cfg, backbone)
+    if dist_info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    trainer = Trainer(cfg, method, data, dist_info, run_dir, progress=progress)
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as e:
+        if dist_info.rank == 0:
+            rec = ResultRecord(method=cfg.method, model=cfg.model.name, dataset=data.name, budget=cfg.budget.spec,
+                               eval="pretrain", metric="final_loss", value=float("nan"), seed=cfg.seed,
+                               status="failed", note=str(e), config_hash=cfg.config_hash(),
+                               git_revision=git_revision(), recipe=cfg.recipe, time=now_iso())
+            append_records(records_path, [rec])
+        raise
+    meta = export_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result))
+    if dist_info.rank == 0:
+        export_backbone(run_dir, method.eval_backbone().export_state_dict(), meta)
+        log.info("%s: %d steps (%.1f epochs) in %.1fs, %.0f img/s, final loss %.4f -> %s", cfg.method, result.steps,
+                 result.plan.epochs, result.pretrain_seconds, result.images_per_second, result.final_loss, run_dir)
+    return meta
+
+
+def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
+    from evals.features import model_label
+
+    x = meta.extra
+    budget = parse_budget(meta.budget)
+    return ResultRecord(
+        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=data.name,
+        budget=meta.budget, eval="pretrain", metric="final_loss", value=float(x.get("final_loss", float("nan"))),
+        seed=meta.seed, selection="last step", device=x.get("device", ""), world_size=int(x.get("world_size", 1)),
+        budget_seconds=budget.seconds, pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps,
+        epochs=x.get("epochs"), images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
+        config_hash=meta.config_hash, git_revision=meta.git_revision, recipe=x.get("recipe", ""), time=now_iso(),
+    )
+
+
+def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: Path, recipe: str) -> Path:
+    """The floor every method must beat: the same backbone at step 0 (MAE init, fixed sin-cos positions)."""
+    cfg_key = f"{model.name}-{json.dumps(model.timm_kwargs(), sort_keys=True)}-{seed}"
+    import hashlib
+
+    run_dir = out / data.name / "random-init" / f"{model.name}-s{seed}-{hashlib.sha256(cfg_key.encode()).hexdigest()[:10]}"
+    if (run_dir / EXPORT_WEIGHTS).exists() and (run_dir / EXPORT_META).exists():
+        return run_dir
+    torch.manual_seed(seed)
+    bb = MaskedViT(model, BackboneOptions(pos_embed="sincos", init="mae"))
+    meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=int(bb.vit.patch_embed.img_size[0]),
+                      patch_size=bb.patch_size, mean=tuple(data.mean), std=tuple(data.std), method="random-init",
+                      steps=0, budget="-", budget_seconds=0.0, config_hash="", git_revision=git_revision(),
+                      dataset=data.name, seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})
+    export_backbone(run_dir, bb.export_state_dict(), meta)
+    return run_dir
+
+
+def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path) -> list[ResultRecord]:
+    """Run each requested eval once per export (a marker file makes re-runs skip finished evals)."""
+    done_dir = export_dir / "evals"
+    out: list[ResultRecord] = []
+    for name in evals:
+        marker = done_dir / f"{name}.json"
+        if marker.exists():
+            continue
+        recs = EVALS[name](ctx, export_dir)
+        append_records(records_path, recs)
+        done_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps([asdict(r) for r in recs], indent=2) + "\n")
+        for r in recs:
+            log.info("%-12s %-7s %s = %.2f", r.method, r.eval, r.metric, r.value)
+        out += recs
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[repro] %(message)s", stream=sys.stderr)
+    try:
+        return _main(args)
+    except (ConfigError, BudgetError, DataError, CheckpointError, NonFiniteLoss) as e:
+        print(f"repro: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+
+
+def _main(args: argparse.Namespace) -> int:
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    parse_budget(args.budget)
+    evals = [] if args.evals.strip().lower() == "none" else [e.strip() for e in args.evals.split(",") if e.strip()]
+    bad = [e for e in evals if e not in EVALS]
+    if bad:
+        raise ConfigError(f"--evals: unknown evaluation {bad[0]!r}; choose from {', '.join(EVALS)} or none")
+    sets = parse_set_args(args.sets)
+    configs = [resolve_config(m, args, {**sets, "seed": str(s)}) for s in args.seeds for m in args.methods]
+
+    results_dir = Path(args.results)
+    out = Path(args.out)
+    dist_info = distributed.init(configs[0].train.device)
+    main_rank = dist_info.rank == 0
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
+    if dist_info.device.type == "cpu" and dist_info.world_size == 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    data = load_data(configs[0].data)
+    if main_rank:
+        log.info("data: %s (%d train / %d %s, %d classes%s)", data.name, len(data.train), len(data.test),
+                 data.test_split_name, data.num_classes, ", in memory" if data.in_memory else ", streaming")
+        skipped = data.train.skipped + data.test.skipped
+        if skipped:
+            log.warning("skipped %d unreadable images (data.bad_images=skip)", skipped)
+    progress = not args.no_progress
+    records_path = results_dir / "records" / f"{data.name}.jsonl"
+
+    exports: list[Path] = []
+    for cfg in configs:
+        run_dir = run_dir_for(out, data.name, cfg)
+        fresh = not (run_dir / EXPORT_META).exists()
+        meta = pretrain(cfg, data, dist_info, run_dir, progress, records_path)
+        if main_rank and fresh:
+            append_records(records_path, [pretrain_record(meta, data)])
+        exports.append(run_dir)
+    distributed.barrier()
+    if not main_rank:
+        return 0
+    distributed.shutdown()  # evaluations run on rank 0 alone
+
+    if evals:
+        from evals.features import EvalContext
+
+        ctx = EvalContext(data, configs[0].eval, dist_info.device, seed=configs[0].seed, progress=progress)
+        for run_dir in exports:
+            evaluate(run_dir, evals, ctx, records_path)
+        seen = set()
+        for cfg in configs:
+            key = (cfg.model, cfg.seed)
+            if key in seen:
+                continue
+            seen.add(key)
+            ri = random_init_export(cfg.model, data, cfg.seed, out, cfg.recipe)
+            evaluate(ri, evals, replace(ctx, seed=cfg.seed), records_path)
+    if not args.no_report:
+        from repro import report
+
+        written = report.generate(results_dir)
+        for p in written:
+            log.info("wrote %s", p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""The one training loop every method runs through.
+
+bf16 autocast on CUDA (fp32 on CPU); AdamW (fused on CUDA) or LARS with the no-decay rule; per-iteration
+linear warmup then half-cycle cosine; optional gradient clipping; a non-finite-loss guard; periodic atomic
+checkpoints and automatic resume; tqdm on rank 0; JSONL metrics. The hot path has no host sync: losses
+are accumulated on the device and read only at logging steps.
+
+The budget becomes a fixed plan before the first real step (:class:`Plan`): for a wall-clock budget a few
+warm steps are timed on a snapshot of the model (then the snapshot is restored and the optimizer state
+cleared, so calibration leaves no trace in the weights), the budget is divided by the measured seconds per
+step, and rank 0's plan is broadcast. A resumed run reads the plan back from its checkpoint: same step
+count, same schedule.
+
+Exact resume: the data order is a function of (seed, epoch), and the global RNG is re-seeded from
+(seed, step, rank) before every step, so masks, crops and drop-path draws of step ``s`` do not depend on
+what ran before. On CPU a killed-and-resumed run ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import Lars, param_groups_weight_decay
+from torch import nn
+from tqdm import tqdm
+
+from repro import distributed
+from repro.budget import Budget, BudgetError, Calibration, calibrated, parse_budget, steps_for_budget
+from repro.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from repro.config import RunConfig
+from repro.data import DatasetSplits, StepSampler, make_batch_source
+from repro.distributed import DistInfo
+from repro.method import MethodConfig, PretrainMethod, StepInfo
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_LEAVES = ("pos_embed", "cls_token", "mask_token", "reg_token", "dist_token")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the message names the step. The last good checkpoint is kept."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        super().__init__(f"non-finite loss at step {step}; stopped, last good checkpoint kept in {run_dir}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything fixed before the first step; stored in the checkpoint so a resume changes nothing."""
+
+    total_steps: int
+    global_batch: int
+    steps_per_epoch: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    budget: str
+    budget_kind: str
+    budget_seconds: float | None
+    seconds_per_step: float | None
+    calibration_steps: int
+    calibration_seconds: float
+    flops_per_image: float | None
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    plan: Plan
+    steps: int
+    pretrain_seconds: float
+    images_per_second: float
+    final_loss: float
+    device: str
+    world_size: int
+    resumed: bool
+
+
+def lr_at(step: int, plan: Plan) -> float:
+    """Per-iteration linear warmup from 0, then half-cycle cosine to ``min_lr`` (MAE's ``adjust_learning_rate``)."""
+    if step < plan.warmup_steps:
+        return plan.lr * step / plan.warmup_steps
+    span = max(1, plan.total_steps - plan.warmup_steps)
+    t = min(1.0, (step - plan.warmup_steps) / span)
+    return plan.min_lr + (plan.lr - plan.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def resolve_hparams(cfg: RunConfig) -> dict[str, Any]:
+    """Merge the method's paper optimisation values with the run's overrides."""
+    m: MethodConfig = cfg.method_cfg
+    t = cfg.train
+    batch = t.batch_size or m.batch_size
+    base_lr = t.base_lr if t.base_lr is not None else m.base_lr
+    lr = base_lr if m.lr_is_absolute else base_lr * batch / 256
+    warmup_fraction = t.warmup_fraction if t.warmup_fraction is not None else m.warmup_epochs / m.epochs
+    return {
+        "global_batch": batch,
+        "lr": lr,
+        "min_lr": t.min_lr if t.min_lr is not None else m.min_lr,
+        "weight_decay": t.weight_decay if t.weight_decay is not None else m.weight_decay,
+        "betas": tuple(m.betas),
+        "warmup_fraction": warmup_fraction,
+    }
+
+
+def no_decay_names(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_LEAVES]
+
+
+def build_optimizer(method: nn.Module, cfg: RunConfig, plan: Plan, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or LARS) over trainable parameters; no weight decay on biases, norms, position embeddings, tokens."""
+    groups = param_groups_weight_decay(method, plan.weight_decay, no_weight_decay_list=no_decay_names(method))
+    groups = [g for g in groups if g["params"]]
+    if cfg.train.optimizer == "lars":
+        return Lars(groups, lr=plan.lr, momentum=0.9)
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=plan.lr, betas=plan.betas, fused=fused, foreach=None if fused else True)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
+class Trainer:
+    """Pre-trains one method on one dataset under one budget, in ``run_dir``."""
+
+    def __init__(self, cfg: RunConfig, method: PretrainMethod, data: DatasetSplits, dist: DistInfo, run_dir: Path,
+                 *, progress: bool = True) -> None:
+        self.cfg, self.method, self.data, self.dist = cfg, method, data, dist
+        self.run_dir = Path(run_dir)
+        self.device = dist.device
+        self.progress = progress and dist.rank == 0
+        self.budget: Budget = parse_budget(cfg.budget.spec)
+        self.hp = resolve_hparams(cfg)
+        self.method.to(self.device)
+        self.sampler = StepSampler(len(data.train), self.hp["global_batch"], cfg.seed, dist.rank, dist.world_size)
+        size = int(method.backbone.vit.patch_embed.img_size[0])
+        self.source = make_batch_source(data, method.views, size, self.sampler, self.device, cfg.data)
+        self.model: nn.Module = distributed.wrap_ddp(method, self.device)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.autocast = self.device.type == "cuda" and cfg.train.amp
+        self.ckpt_path = self.run_dir / CHECKPOINT
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, step: int, batch, plan: Plan, opt: torch.optim.Optimizer):
+        info = StepInfo(step, plan.total_steps)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(batch, info)
+        out.loss.backward()
+        if self.cfg.train.clip_grad is not None:
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.train.clip_grad)
+        lr = lr_at(step, plan)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step(info)
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, opt_factory) -> Plan:
+        hp = self.hp
+        spe = self.sampler.steps_per_epoch
+        flops = None
+        try:
+            flops = float(self.method.flops_per_image())
+        except NotImplementedError:
+            pass
+        provisional = Plan(10**9, hp["global_batch"], spe, hp["lr"], hp["min_lr"], 0, hp["weight_decay"],
+                           hp["betas"], self.budget.spec, self.budget.kind, self.budget.seconds, None, 0, 0.0, flops)
+        calib: Calibration | None = None
+        if self.budget.kind == "time":
+            calib = self._calibrate(provisional, opt_factory)
+        if self.budget.kind == "flop" and flops is None:
+            raise BudgetError(f"--budget {self.budget.spec}: method {self.method.name} has no FLOP count")
+        total = steps_for_budget(self.budget, steps_per_epoch=spe, global_batch=hp["global_batch"],
+                                 seconds_per_step=calib.seconds_per_step if calib else None, flops_per_image=flops)
+        warmup = int(round(hp["warmup_fraction"] * total))
+        plan = Plan(total, hp["global_batch"], spe, hp["lr"], hp["min_lr"], warmup, hp["weight_decay"], hp["betas"],
+                    self.budget.spec, self.budget.kind, self.budget.seconds,
+                    calib.seconds_per_step if calib else None, calib.timed_steps if calib else 0,
+                    calib.wall_seconds if calib else 0.0, flops)
+        return distributed.broadcast_object(plan)
+
+    def _calibrate(self, plan: Plan, opt_factory) -> Calibration:
+        """Time warm steps on a snapshot that is restored afterwards (calibration leaves no trace)."""
+        bc = self.cfg.budget
+        snapshot = copy.deepcopy(self.method.state_dict())
+        opt = opt_factory(plan)
+        t_start = time.perf_counter()
+        n_warm = max(1, bc.calib_warmup_steps)
+        # enough steps to fill calib_max_fraction of the budget, judged from the last warm step; capped
+        n_total = n_warm + 200
+        it = self.source.batches(0, n_total)
+        for s in range(n_warm):
+            torch.manual_seed(step_seed(self.cfg.seed, s, self.dist.rank))
+            t0 = time.perf_counter()
+            self._step(s, next(it), plan, opt)
+            self._sync()
+            last = time.perf_counter() - t0
+        target = bc.calib_max_fraction * float(self.budget.amount)
+        n_timed = int(min(200, max(bc.calib_min_steps, target // max(last, 1e-6))))
+        n_timed = int(distributed.broadcast_object(n_timed))
+        t0 = time.perf_counter()
+        for s in range(n_warm, n_warm + n_timed):
+            torch.manual_seed(step_seed(self.cfg.seed, s, self.dist.rank))
+            self._step(s, next(it), plan, opt)
+        self._sync()
+        per_step = (time.perf_counter() - t0) / n_timed
+        per_step = float(distributed.broadcast_object(per_step))
+        it.close()
+        self.method.load_state_dict(snapshot)
+        del opt
+        return calibrated([per_step] * n_timed, n_warm, time.perf_counter() - t_start)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        main = self.dist.rank == 0
+        state: dict[str, Any] | None = None
+        if self.ckpt_path.exists():
+            state = load_checkpoint(self.ckpt_path)
+            if state.get("config_hash") != cfg.config_hash():
+                raise CheckpointError(f"{self.ckpt_path}: written by a different configuration "
+                                      f"({state.get('config_hash')} != {cfg.config_hash()}); use another --out")
+        if state is not None:
+            plan = Plan(**{**state["plan"], "betas": tuple(state["plan"]["betas"])})
+            self.method.load_state_dict(state["model"], strict=True)
+        else:
+            plan = self._plan(lambda p: build_optimizer(self.method, cfg, p, self.device))
+        opt = build_optimizer(self.method, cfg, plan, self.device)
+        start, elapsed_before = 0, 0.0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            start, elapsed_before = int(state["step"]), float(state["elapsed"])
+            if main:
+                log.info("resuming %s at step %d/%d", self.method.name, start, plan.total_steps)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2) + "\n")
+
+        metrics_path = self.run_dir / "metrics.jsonl"
+        bar = tqdm(total=plan.total_steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
+                   desc=f"{self.method.name} pretrain", leave=True)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        logs_sum: dict[str, torch.Tensor] = {}
+        n_acc, last_loss = 0, float("nan")
+        t_loop = time.perf_counter()
+        t_log, step_log = t_loop, start
+        last_ckpt = t_loop
+        every = cfg.train.log_every
+        it = self.source.batches(start, plan.total_steps)
+        self.method.train()
+        step = start
+        try:
+            for step in range(start, plan.total_steps):
+                torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
+                out = self._step(step, next(it), plan, opt)
+                loss = out.loss.detach()
+                first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0),
+                                        torch.full_like(first_bad, step), first_bad)
+                loss_sum += loss.float()
+                for k, v in out.logs.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float()
+                n_acc += 1
+                bar.update(1)
+                done = step + 1
+                if done % every == 0 or done == plan.total_steps:
+                    now = time.perf_counter()
+                    want_ckpt = float(main and (now - last_ckpt >= cfg.train.ckpt_every_s))
+                    flags = distributed.all_reduce_max(torch.stack([first_bad.float(),
+                                                                    torch.tensor(want_ckpt, device=self.device)]))
+                    if flags[0].item() >= 0:
+                        raise NonFiniteLoss(int(flags[0].item()), self.run_dir)
+                    mean_loss = float(distributed.all_reduce_mean(loss_sum / n_acc).item())
+                    last_loss = mean_loss
+                    ips = (done - step_log) * plan.global_batch / max(1e-9, now - t_log)
+                    if main:
+                        rec = {"step": done, "loss": mean_loss, "lr": lr_at(step, plan), "img_per_s": ips,
+                               "elapsed_s": elapsed_before + now - t_loop}
+                        rec.update({k: float((v / n_acc).item()) for k, v in logs_sum.items()})
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
+                    loss_sum.zero_()
+                    logs_sum, n_acc, t_log, step_log = {}, 0, now, done
+                    if flags[1].item() > 0 and done < plan.total_steps:
+                        self._save(done, elapsed_before + time.perf_counter() - t_loop, plan, opt, complete=False)
+                        last_ckpt = time.perf_counter()
+        finally:
+            bar.close()
+            it.close()
+        self._sync()
+        seg_seconds = time.perf_counter() - t_loop
+        elapsed = elapsed_before + seg_seconds
+        self._save(plan.total_steps, elapsed, plan, opt, complete=True)
+        ran = plan.total_steps - start
+        ips = ran * plan.global_batch / seg_seconds if ran and seg_seconds > 0 else 0.0
+        if ran == 0 and state is not None:
+            ips = float(state.get("images_per_second", 0.0))
+            last_loss = float(state.get("final_loss", float("nan")))
+        result = TrainResult(plan, plan.total_steps, elapsed, ips, last_loss, self._device_name(),
+                             self.dist.world_size, state is not None)
+        if main:
+            self._save_summary(result)
+        return result
+
+    def _save(self, next_step: int, elapsed: float, plan: Plan, opt, *, complete: bool) -> None:
+        if self.dist.rank != 0:
+            return
+        state = {
+            "model": self.method.state_dict(), "optimizer": opt.state_dict(), "step": next_step, "elapsed": elapsed,
+            "plan": asdict(plan), "config_hash": self.cfg.config_hash(), "complete": complete,
+        }
+        save_checkpoint(self.ckpt_path, state)
+
+    def _save_summary(self, r: TrainResult) -> None:
+        d = asdict(r)
+        d["epochs"] = r.plan.epochs
+        (self.run_dir / "train_summary.json").write_text(json.dumps(d, indent=2, default=str) + "\n")
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        import platform
+
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / "train_summary.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(run_dir: Path) -> bool:
+    p = Path(run_dir) / CHECKPOINT
+    if not p.exists() or read_summary(run_dir) is None:
+        return False
+    try:
+        return bool(load_checkpoint(p).get("complete"))
+    except CheckpointError:
+        return False

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro.backbone import MaskedViT
+from repro.config import RunConfig, apply_overrides
+from repro.recipes import tiny
+from repro.registry import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# small enough for a 2-core CPU: 2 blocks, 64 tokens of width 192
+SMALL = {"model.depth": 2, "train.batch_size": 16, "data.builtin_train": 64, "data.builtin_test": 32}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def tiny_config(method: str, **overrides) -> RunConfig:
+    cls = METHODS[method]
+    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe="tiny")
+    cfg = apply_overrides(cfg, {o.key: o.value for o in tiny(method)})
+    return apply_overrides(cfg, {**SMALL, **overrides})
+
+
+def build_method(method: str, seed: int = 0, **overrides):
+    cfg = tiny_config(method, **overrides)
+    torch.manual_seed(seed)
+    cls = METHODS[method]
+    bb = MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg))
+    return cfg, cls(cfg.method_cfg, bb)
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_subset(tmp_path_factory) -> Path:
+    """A small ImageFolder cut from the real CIFAR-10 JPEG archive (20 train / 5 test per class)."""
+    archive = SHARED_DATA / "cifar10-jpeg.tar.gz"
+    if not archive.exists():
+        pytest.skip(f"{archive} not present (real-data tests need ../shared/data)")
+    out = tmp_path_factory.mktemp("cifar10")
+    counts: dict[tuple[str, str], int] = {}
+    limits = {"train": 20, "test": 5}
+    with tarfile.open(archive, "r:gz") as tf:
+        for m in tf:
+            if not m.isfile() or not m.name.lower().endswith(".jpg"):
+                continue
+            parts = Path(m.name).parts
+            split_i = next((i for i, p in enumerate(parts) if p in limits), None)
+            if split_i is None or len(parts) < split_i + 3:
+                continue
+            split, cls = parts[split_i], parts[split_i + 1]
+            if counts.get((split, cls), 0) >= limits[split]:
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            dest = out / split / cls / parts[-1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tf.extractfile(m) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    if not counts:
+        pytest.skip("cifar10-jpeg.tar.gz holds no train/<class>/*.jpg entries")
+    return out
+
+
+@pytest.fixture
+def cpu_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

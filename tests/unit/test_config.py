@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
+from repro.micl import MiCLConfig
+
+
+def base() -> RunConfig:
+    return RunConfig(method="micl", method_cfg=MiCLConfig())
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(base(), {"train.batch_size": "64", "method.mask_ratio": "0.8", "model.img_size": "32",
+                                   "train.amp": "false", "eval.linear_base_lrs": "0.1,0.2", "seed": "3",
+                                   "method.loss_group_size": "none"})
+    assert cfg.train.batch_size == 64 and cfg.method_cfg.mask_ratio == 0.8 and cfg.model.img_size == 32
+    assert cfg.train.amp is False and cfg.eval.linear_base_lrs == (0.1, 0.2) and cfg.seed == 3
+    assert cfg.method_cfg.loss_group_size is None
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("train.lr", "1", "unknown key 'train.lr'"),
+    ("method.nope", "1", "unknown key 'method.nope'"),
+    ("bogus.x", "1", "unknown key"),
+    ("train.batch_size", "big", "expected an integer"),
+    ("method.mask_ratio", "lots", "cannot use|expected a number"),
+    ("train.amp", "maybe", "true/false"),
+    ("method.mask_ratio", "1.5", "mask_ratio"),
+    ("train.optimizer", "sgd", "adamw|lars"),
+])
+def test_bad_overrides(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(base(), {key: value})
+
+
+def test_parse_set_args():
+    assert parse_set_args(["a.b=1", "c.d = x=y"]) == {"a.b": "1", "c.d": "x=y"}
+    with pytest.raises(ConfigError):
+        parse_set_args(["novalue"])
+
+
+def test_config_hash_tracks_numbers_not_logging():
+    c = base()
+    assert apply_overrides(c, {"train.log_every": "5"}).config_hash() == c.config_hash()
+    assert apply_overrides(c, {"budget.spec": "5m"}).config_hash() != c.config_hash()
+    assert apply_overrides(c, {"method.kappa": "0.1"}).config_hash() != c.config_hash()
+
+
+def test_configs_are_frozen():
+    with pytest.raises(AttributeError):
+        base().train.batch_size = 3  # type: ignore[misc]

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import torch
+
+from evals.knn import knn_predict
+from evals.linear import accuracies, holdout_split, train_probes
+from repro.config import EvalConfig
+
+
+def clusters(n_per=40, k=4, d=16, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 3
+    y = torch.arange(k).repeat_interleave(n_per)
+    x = centres[y] + noise * torch.randn(len(y), d, generator=g)
+    return x, y
+
+
+def test_knn_recovers_clusters_and_weights_votes():
+    x, y = clusters()
+    xt, yt = clusters(seed=1)
+    assert (knn_predict(x, y, xt, 4, k=20, temperature=0.07) == yt).float().mean() > 0.95
+    # weighted vote: one very close neighbour of class 1 beats two far ones of class 0
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    lab = torch.tensor([1, 0, 0])
+    q = torch.tensor([[1.0, 0.05]])
+    assert knn_predict(train, lab, q, 2, k=3, temperature=0.07).item() == 1
+
+
+def test_linear_probe_learns_separable_features():
+    x, y = clusters(n_per=100)
+    cfg = EvalConfig(linear_epochs=20, linear_warmup_epochs=2, linear_batch_size=64, linear_base_lrs=(0.1, 1.0))
+    probes = train_probes(x, y, 4, cfg.linear_base_lrs, cfg, seed=0)
+    xt, yt = clusters(n_per=50, seed=1)
+    assert max(accuracies(probes, xt, yt)) > 95.0
+    assert len(probes.heads) == 2 and not probes.bn.affine
+
+
+def test_holdout_split_is_disjoint_and_covering():
+    fit, val = holdout_split(100, 0.1, seed=0)
+    assert len(val) == 10 and not set(fit.tolist()) & set(val.tolist())
+    assert sorted(fit.tolist() + val.tolist()) == list(range(100))
