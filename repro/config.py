@@ -201,14 +201,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:
+            return coerce(value, real[0], key)
+        for arg in real:
             try:
                 return coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: cannot use {value!r} as {' | '.join(_type_name(a) for a in args)}")
     if origin is tuple:
         (elem, *rest) = typing.get_args(tp)

@@ -28,6 +28,9 @@ def tiny(method: str) -> list[Override]:
                  "barely move a model in a few hundred steps"),
         Override("eval.linear_batch_size", 256, "5k training features; 16384 would be one step per epoch"),
         Override("eval.feature_batch_size", 512, "small images"),
+        Override("eval.linear_base_lrs", (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+                 "LARS moves the probe by ~lr x 0.001 x |w| per step, so its total travel scales with dataset size "
+                 "x base lr: MAE's 0.1 (tuned for 1.28M images) leaves a probe on 5k images near its init"),
     ]
     per_method: dict[str, list[Override]] = {
         "micl": [Override("method.mask_ratio", 0.75, "0.9 of 64 tokens keeps 6 (3 per view); 0.75 keeps 16 "

@@ -18,6 +18,7 @@ what ran before. On CPU a killed-and-resumed run ends with bit-identical weights
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -135,6 +136,29 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
+class _Accumulator:
+    """Device-side running sums between logging steps (no host sync) and the first non-finite step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.logs_sum: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, out, step: int) -> None:
+        loss = out.loss.detach()
+        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+        self.loss_sum += loss.float()
+        for k, v in out.logs.items():
+            self.logs_sum[k] = self.logs_sum.get(k, 0.0) + v.detach().float()
+        self.n += 1
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.logs_sum, self.n = {}, 0
+
+
 class Trainer:
     """Pre-trains one method on one dataset under one budget, in ``run_dir``."""
 
@@ -181,10 +205,8 @@ class Trainer:
         hp = self.hp
         spe = self.sampler.steps_per_epoch
         flops = None
-        try:
+        with contextlib.suppress(NotImplementedError):
             flops = float(self.method.flops_per_image())
-        except NotImplementedError:
-            pass
         provisional = Plan(10**9, hp["global_batch"], spe, hp["lr"], hp["min_lr"], 0, hp["weight_decay"],
                            hp["betas"], self.budget.spec, self.budget.kind, self.budget.seconds, None, 0, 0.0, flops)
         calib: Calibration | None = None
@@ -211,10 +233,11 @@ class Trainer:
         # enough steps to fill calib_max_fraction of the budget, judged from the last warm step; capped
         n_total = n_warm + 200
         it = self.source.batches(0, n_total)
+        acc = _Accumulator(self.device)  # the loop's per-step bookkeeping is part of what is timed
         for s in range(n_warm):
             torch.manual_seed(step_seed(self.cfg.seed, s, self.dist.rank))
             t0 = time.perf_counter()
-            self._step(s, next(it), plan, opt)
+            acc.add(self._step(s, next(it), plan, opt), s)
             self._sync()
             last = time.perf_counter() - t0
         target = bc.calib_max_fraction * float(self.budget.amount)
@@ -223,7 +246,7 @@ class Trainer:
         t0 = time.perf_counter()
         for s in range(n_warm, n_warm + n_timed):
             torch.manual_seed(step_seed(self.cfg.seed, s, self.dist.rank))
-            self._step(s, next(it), plan, opt)
+            acc.add(self._step(s, next(it), plan, opt), s)
         self._sync()
         per_step = (time.perf_counter() - t0) / n_timed
         per_step = float(distributed.broadcast_object(per_step))
@@ -261,10 +284,8 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         bar = tqdm(total=plan.total_steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
                    desc=f"{self.method.name} pretrain", leave=True)
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        logs_sum: dict[str, torch.Tensor] = {}
-        n_acc, last_loss = 0, float("nan")
+        acc = _Accumulator(self.device)
+        last_loss = float("nan")
         t_loop = time.perf_counter()
         t_log, step_log = t_loop, start
         last_ckpt = t_loop
@@ -275,35 +296,28 @@ class Trainer:
         try:
             for step in range(start, plan.total_steps):
                 torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
-                out = self._step(step, next(it), plan, opt)
-                loss = out.loss.detach()
-                first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0),
-                                        torch.full_like(first_bad, step), first_bad)
-                loss_sum += loss.float()
-                for k, v in out.logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float()
-                n_acc += 1
+                acc.add(self._step(step, next(it), plan, opt), step)
                 bar.update(1)
                 done = step + 1
                 if done % every == 0 or done == plan.total_steps:
                     now = time.perf_counter()
                     want_ckpt = float(main and (now - last_ckpt >= cfg.train.ckpt_every_s))
-                    flags = distributed.all_reduce_max(torch.stack([first_bad.float(),
+                    flags = distributed.all_reduce_max(torch.stack([acc.first_bad.float(),
                                                                     torch.tensor(want_ckpt, device=self.device)]))
                     if flags[0].item() >= 0:
                         raise NonFiniteLoss(int(flags[0].item()), self.run_dir)
-                    mean_loss = float(distributed.all_reduce_mean(loss_sum / n_acc).item())
+                    mean_loss = float(distributed.all_reduce_mean(acc.loss_sum / acc.n).item())
                     last_loss = mean_loss
                     ips = (done - step_log) * plan.global_batch / max(1e-9, now - t_log)
                     if main:
                         rec = {"step": done, "loss": mean_loss, "lr": lr_at(step, plan), "img_per_s": ips,
                                "elapsed_s": elapsed_before + now - t_loop}
-                        rec.update({k: float((v / n_acc).item()) for k, v in logs_sum.items()})
+                        rec.update({k: float((v / acc.n).item()) for k, v in acc.logs_sum.items()})
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
-                    loss_sum.zero_()
-                    logs_sum, n_acc, t_log, step_log = {}, 0, now, done
+                    acc.reset()
+                    t_log, step_log = now, done
                     if flags[1].item() > 0 and done < plan.total_steps:
                         self._save(done, elapsed_before + time.perf_counter() - t_loop, plan, opt, complete=False)
                         last_ckpt = time.perf_counter()

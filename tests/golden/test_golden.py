@@ -1,0 +1,50 @@
+"""First 20 losses of each method on the tiny recipe (CPU, one thread, deterministic).
+
+A refactor that should not change numerics must reproduce these. After an intended numerical change,
+regenerate with ``REPRO_UPDATE_GOLDEN=1 python -m pytest tests/golden`` and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro.data import load_data
+from repro.distributed import DistInfo
+from repro.registry import METHODS
+from repro.trainer import Trainer
+from tests.conftest import build_method
+
+GOLDEN = Path(__file__).with_name("losses.json")
+STEPS = 20
+
+
+def first_losses(method: str, tmp_path: Path) -> list[float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg, m = build_method(method, **{"budget.spec": f"{STEPS}steps", "train.log_every": 1})
+        t = Trainer(cfg, m, load_data(cfg.data), DistInfo(0, 1, 0, torch.device("cpu"), None), tmp_path,
+                    progress=False)
+        t.fit()
+    finally:
+        torch.set_num_threads(threads)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_first_losses_match_golden(method, tmp_path):
+    losses = first_losses(method, tmp_path)
+    assert len(losses) == STEPS
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if os.environ.get("REPRO_UPDATE_GOLDEN") == "1":
+        golden[method] = losses
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+    assert method in golden, f"no golden losses for {method}; run with REPRO_UPDATE_GOLDEN=1"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden[method]), rtol=1e-5, atol=1e-6)
+    assert losses[-1] < losses[0]  # it learns something in 20 steps
