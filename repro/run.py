@@ -9,6 +9,7 @@ the tables. Re-running the same command resumes an interrupted run and skips fin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -161,9 +162,8 @@ def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
 def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: Path, recipe: str) -> Path:
     """The floor every method must beat: the same backbone at step 0 (MAE init, fixed sin-cos positions)."""
     cfg_key = f"{model.name}-{json.dumps(model.timm_kwargs(), sort_keys=True)}-{seed}"
-    import hashlib
-
-    run_dir = out / data.name / "random-init" / f"{model.name}-s{seed}-{hashlib.sha256(cfg_key.encode()).hexdigest()[:10]}"
+    digest = hashlib.sha256(cfg_key.encode()).hexdigest()[:10]
+    run_dir = out / data.name / "random-init" / f"{model.name}-s{seed}-{digest}"
     if (run_dir / EXPORT_WEIGHTS).exists() and (run_dir / EXPORT_META).exists():
         return run_dir
     torch.manual_seed(seed)
