@@ -82,7 +82,7 @@ class MAE(PretrainMethod):
         )
 
     @classmethod
-    def backbone_options(cls, cfg: MAEConfig) -> BackboneOptions:
+    def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
         return BackboneOptions(pos_embed="sincos", init="mae")
 
     @property
@@ -105,7 +105,7 @@ class MAE(PretrainMethod):
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg
         n, d, e = bb.num_patches, bb.embed_dim, c.decoder_dim
-        enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(self.len_keep + 1, d, len(bb.vit.blocks))
+        enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(self.len_keep + 1, d, bb.depth)
         dec = (linear_flops(self.len_keep + 1, d, e) + encoder_flops(n + 1, e, c.decoder_depth)
                + linear_flops(n, e, bb.patch_size ** 2 * 3))
         return TRAIN * (enc + dec)

@@ -62,7 +62,7 @@ def extract(model: nn.Module, split: Split, meta: ExportMeta, ctx: EvalContext, 
     total = (len(split) + ctx.cfg.feature_batch_size - 1) // ctx.cfg.feature_batch_size
     for x, y in tqdm(batches, total=total, desc=f"features {name}", disable=not ctx.progress, leave=False):
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
-            f = model.forward_head(model.forward_features(x), pre_logits=True)
+            f = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
         xs.append(f.float())
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)

@@ -38,6 +38,7 @@ class ProbeHeads(nn.Module):
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n))
         for h in self.heads:
+            assert isinstance(h, nn.Linear)
             trunc_normal_(h.weight, std=0.01)
             nn.init.zeros_(h.bias)
 
@@ -71,7 +72,7 @@ def train_probes(x: Tensor, y: Tensor, num_classes: int, base_lrs: tuple[float, 
         for i in range(steps_per_epoch):
             idx = perm[i * batch:(i + 1) * batch]
             logits = probes(x[idx])
-            loss = sum(F.cross_entropy(lg, y[idx]) for lg in logits)
+            loss = torch.stack([F.cross_entropy(lg, y[idx]) for lg in logits]).sum()
             for grp in opt.param_groups:
                 if step < warmup:
                     grp["lr"] = grp["peak"] * step / warmup

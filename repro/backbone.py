@@ -20,6 +20,7 @@ from typing import Literal
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from repro.config import ModelConfig
@@ -94,9 +95,10 @@ class MaskedViT(nn.Module):
         self.options = options
         self.timm_name = model.name
         self.timm_kwargs = model.timm_kwargs()
-        self.vit = timm.create_model(model.name, pretrained=False, drop_path_rate=model.drop_path_rate,
-                                     **self.timm_kwargs)
-        vit = self.vit
+        vit = timm.create_model(model.name, pretrained=False, drop_path_rate=model.drop_path_rate, **self.timm_kwargs)
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(f"{model.name}: MaskedViT wraps timm VisionTransformer models, got {type(vit).__name__}")
+        self.vit: VisionTransformer = vit
         if getattr(vit, "cls_token", None) is None or getattr(vit, "reg_token", None) is not None \
                 or getattr(vit, "no_embed_class", False) or getattr(vit, "pos_embed", None) is None:
             raise ValueError(f"{model.name}: MaskedViT needs a ViT with one cls token, no register tokens and a "
@@ -104,6 +106,8 @@ class MaskedViT(nn.Module):
         if getattr(vit, "dynamic_img_size", False):
             raise ValueError(f"{model.name}: dynamic_img_size is not supported")
         self.embed_dim: int = vit.embed_dim
+        self.img_size: int = int(vit.patch_embed.img_size[0])  # type: ignore[index]
+        self.depth: int = len(vit.blocks)
         self.patch_size: int = vit.patch_embed.patch_size[0]
         gh, gw = vit.patch_embed.grid_size
         if gh != gw:
@@ -116,25 +120,38 @@ class MaskedViT(nn.Module):
             w = vit.patch_embed.proj.weight.data
             # MAE: "initialize patch_embed like nn.Linear (instead of nn.Conv2d)"
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.normal_(vit.cls_token, std=0.02)
+            nn.init.normal_(self._cls, std=0.02)
         if options.pos_embed == "sincos":
             table = mae_sincos_pos_embed(self.grid_size, self.embed_dim)
-            vit.pos_embed.data.copy_(table.unsqueeze(0))
-            vit.pos_embed.requires_grad_(False)
+            self._pos.data.copy_(table.unsqueeze(0))
+            self._pos.requires_grad_(False)
         self.mask_token: nn.Parameter | None = None
         if options.mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
             nn.init.normal_(self.mask_token, std=0.02)
 
+    @property
+    def _pos(self) -> Tensor:
+        """timm's (1, N+1, D) position embedding (checked non-None at construction)."""
+        pos = self.vit.pos_embed
+        assert pos is not None
+        return pos
+
+    @property
+    def _cls(self) -> Tensor:
+        cls = self.vit.cls_token
+        assert cls is not None
+        return cls
+
     # ------------------------------------------------------------------ token paths
     def embed(self, x: Tensor) -> Tensor:
         """Patch embedding plus position embedding (without the cls row): (B, 3, H, W) -> (B, N, D)."""
-        return self.vit.patch_embed(x) + self.vit.pos_embed[:, 1:, :]
+        return self.vit.patch_embed(x) + self._pos[:, 1:, :]
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Prepend cls (+ its position), run all blocks and the final norm: (B, K, D) -> (B, K+1, D)."""
         vit = self.vit
-        cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        cls = (self._cls + self._pos[:, :1, :]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         x = vit.norm_pre(vit.pos_drop(x))
         x = vit.blocks(x)
@@ -156,7 +173,7 @@ class MaskedViT(nn.Module):
         tokens = self.vit.patch_embed(x)
         w = mask.unsqueeze(-1).to(tokens.dtype)
         tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
-        return self.encode(tokens + self.vit.pos_embed[:, 1:, :])
+        return self.encode(tokens + self._pos[:, 1:, :])
 
     def forward_features(self, x: Tensor) -> Tensor:
         """All tokens, timm's own path: (B, 3, H, W) -> (B, N+1, D)."""

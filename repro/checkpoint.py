@@ -61,7 +61,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+    def write(p: Path) -> None:
+        p.write_text(text)
+
+    atomic_write(path, write)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -257,12 +257,12 @@ def _replace_field(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
                           f"{', '.join(n for n in names if not n.startswith('_'))}")
     if len(path) == 1:
         try:
-            return replace(obj, **{head: coerce(value, hints[head], full_key)})
+            return replace(obj, **{head: coerce(value, hints[head], full_key)})  # type: ignore[type-var]
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{full_key}: {e}") from None
-    return replace(obj, **{head: _replace_field(getattr(obj, head), path[1:], value, full_key)})
+    return replace(obj, **{head: _replace_field(getattr(obj, head), path[1:], value, full_key)})  # type: ignore[type-var]
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

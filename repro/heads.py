@@ -30,7 +30,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", mae_sincos_pos_embed(grid_size, dim).unsqueeze(0), persistent=False)
         self.blocks = nn.Sequential(*[
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]
             for _ in range(depth)
         ])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -46,6 +46,6 @@ class MAEDecoder(nn.Module):
         mask_tokens = self.mask_token.to(x.dtype).expand(b, n + 1 - k1, e)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (B, N, E) in ids_shuffle order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, e))  # unshuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.pos_embed.to(x.dtype)
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.pos_embed.to(x.dtype)  # type: ignore[operator]
         x = self.norm(self.blocks(x))
         return self.pred(x)[:, 1:, :]

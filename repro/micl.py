@@ -88,7 +88,7 @@ class MiCL(PretrainMethod):
                               "patches; MiCL needs at least one per view")
 
     @classmethod
-    def backbone_options(cls, cfg: MiCLConfig) -> BackboneOptions:
+    def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
         return BackboneOptions(pos_embed="sincos", init="mae")
 
     @property
@@ -128,7 +128,5 @@ class MiCL(PretrainMethod):
 
     def flops_per_image(self) -> float:
         bb = self.backbone
-        vit = bb.vit
-        depth = len(vit.blocks)
-        per_view = encoder_flops(self.len_keep // 2 + 1, bb.embed_dim, depth)
+        per_view = encoder_flops(self.len_keep // 2 + 1, bb.embed_dim, bb.depth)
         return TRAIN * (patch_embed_flops(bb.num_patches, bb.patch_size, bb.embed_dim) + 2 * per_view)

@@ -92,7 +92,7 @@ def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps:
     budget = parse_budget(cfg.budget.spec)
     return ExportMeta(
         timm_model=backbone.timm_name, timm_kwargs=backbone.timm_kwargs,
-        img_size=int(backbone.vit.patch_embed.img_size[0]), patch_size=backbone.patch_size,
+        img_size=backbone.img_size, patch_size=backbone.patch_size,
         mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=cfg.budget.spec,
         budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
         dataset=data.name, seed=cfg.seed, extra=extra,
@@ -168,7 +168,7 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
         return run_dir
     torch.manual_seed(seed)
     bb = MaskedViT(model, BackboneOptions(pos_embed="sincos", init="mae"))
-    meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=int(bb.vit.patch_embed.img_size[0]),
+    meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
                       patch_size=bb.patch_size, mean=tuple(data.mean), std=tuple(data.std), method="random-init",
                       steps=0, budget="-", budget_seconds=0.0, config_hash="", git_revision=git_revision(),
                       dataset=data.name, seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})

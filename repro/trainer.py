@@ -172,11 +172,11 @@ class Trainer:
         self.hp = resolve_hparams(cfg)
         self.method.to(self.device)
         self.sampler = StepSampler(len(data.train), self.hp["global_batch"], cfg.seed, dist.rank, dist.world_size)
-        size = int(method.backbone.vit.patch_embed.img_size[0])
+        size = method.backbone.img_size
         self.source = make_batch_source(data, method.views, size, self.sampler, self.device, cfg.data)
         self.model: nn.Module = distributed.wrap_ddp(method, self.device)
         if cfg.train.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.autocast = self.device.type == "cuda" and cfg.train.amp
         self.ckpt_path = self.run_dir / CHECKPOINT
 
