@@ -94,13 +94,6 @@ class Calibration:
     """Wall-clock spent calibrating (warm-up included); not part of the training budget."""
 
 
-def calibrated(step_times: list[float], warmup_steps: int, wall_seconds: float) -> Calibration:
-    """Mean of the timed steps: the total of a run is a sum of steps, so the mean (not the median) predicts it."""
-    if not step_times:
-        raise BudgetError("calibration timed no steps")
-    return Calibration(sum(step_times) / len(step_times), len(step_times), warmup_steps, wall_seconds)
-
-
 def format_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.0f}s"

@@ -117,11 +117,9 @@ class MiCL(PretrainMethod):
                                           offset=offset)
         else:
             group = c.loss_group_size or a.shape[0]
-            parts = [symmetric_tsp_info_nce(ga, gb, kappa=c.kappa, temperature=c.temperature)
-                     for ga, gb in zip(a.split(group), b.split(group), strict=True)]
-            sizes = [p.shape[0] for p in a.split(group)]
-            # DEVIATION(1): per-group negatives reproduce the official per-GPU batch; weight groups by size
-            loss = sum(p * s for p, s in zip(parts, sizes, strict=True)) / a.shape[0]
+            # DEVIATION(1): per-group negatives reproduce the official per-GPU batch; groups weighted by size
+            loss = sum(symmetric_tsp_info_nce(ga, gb, kappa=c.kappa, temperature=c.temperature) * ga.shape[0]
+                       for ga, gb in zip(a.split(group), b.split(group), strict=True)) / a.shape[0]
         with torch.no_grad():
             cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
         return StepOutput(loss, {"infonce_tsp": loss.detach(), "aux/pos_cosine": cos})

@@ -22,7 +22,14 @@ import torch
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.budget import BudgetError, parse_budget
-from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, ExportMeta, export_backbone
+from repro.checkpoint import (
+    EXPORT_META,
+    EXPORT_WEIGHTS,
+    CheckpointError,
+    ExportMeta,
+    atomic_write_text,
+    export_backbone,
+)
 from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, DatasetSplits, load_data
 from repro.recipes import RECIPES, default_recipe
@@ -124,7 +131,7 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
     method = cls(cfg.method_cfg, backbone)
     if dist_info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     trainer = Trainer(cfg, method, data, dist_info, run_dir, progress=progress)
     try:
         result = trainer.fit()
@@ -186,8 +193,7 @@ def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path) -> lis
             continue
         recs = EVALS[name](ctx, export_dir)
         append_records(records_path, recs)
-        done_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps([asdict(r) for r in recs], indent=2) + "\n")
+        atomic_write_text(marker, json.dumps([asdict(r) for r in recs], indent=2) + "\n")
         for r in recs:
             log.info("%-12s %-7s %s = %.2f", r.method, r.eval, r.metric, r.value)
         out += recs

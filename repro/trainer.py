@@ -34,8 +34,8 @@ from torch import nn
 from tqdm import tqdm
 
 from repro import distributed
-from repro.budget import Budget, BudgetError, Calibration, calibrated, parse_budget, steps_for_budget
-from repro.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from repro.budget import Budget, BudgetError, Calibration, parse_budget, steps_for_budget
+from repro.checkpoint import CHECKPOINT, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from repro.config import RunConfig
 from repro.data import DatasetSplits, StepSampler, make_batch_source
 from repro.distributed import DistInfo
@@ -253,7 +253,7 @@ class Trainer:
         it.close()
         self.method.load_state_dict(snapshot)
         del opt
-        return calibrated([per_step] * n_timed, n_warm, time.perf_counter() - t_start)
+        return Calibration(per_step, n_timed, n_warm, time.perf_counter() - t_start)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
@@ -279,7 +279,7 @@ class Trainer:
                 log.info("resuming %s at step %d/%d", self.method.name, start, plan.total_steps)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2) + "\n")
+            atomic_write_text(self.run_dir / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")
 
         metrics_path = self.run_dir / "metrics.jsonl"
         bar = tqdm(total=plan.total_steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
@@ -351,7 +351,8 @@ class Trainer:
     def _save_summary(self, r: TrainResult) -> None:
         d = asdict(r)
         d["epochs"] = r.plan.epochs
-        (self.run_dir / "train_summary.json").write_text(json.dumps(d, indent=2, default=str) + "\n")
+        # written last and atomically: its presence (with the export) marks the run as finished
+        atomic_write_text(self.run_dir / "train_summary.json", json.dumps(d, indent=2, default=str) + "\n")
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":
@@ -370,12 +371,3 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
 
-
-def is_complete(run_dir: Path) -> bool:
-    p = Path(run_dir) / CHECKPOINT
-    if not p.exists() or read_summary(run_dir) is None:
-        return False
-    try:
-        return bool(load_checkpoint(p).get("complete"))
-    except CheckpointError:
-        return False
