@@ -15,7 +15,9 @@ the official code imports from timm (fused qkv, LayerNorm eps 1e-6), initialised
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from repro.backbone import BackboneOptions, patchify
@@ -87,7 +89,7 @@ class MAE(PretrainMethod):
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(kind="crop_flip", count=1, scale=self.cfg.crop_scale)
+        return ViewSpec(count=1, scale=self.cfg.crop_scale)
 
     def forward(self, batch: Batch, step: StepInfo, *, noise: Tensor | None = None) -> StepOutput:
         imgs = batch.views[0]
@@ -101,6 +103,9 @@ class MAE(PretrainMethod):
             target = normalized_pixel_target(target.float())
         loss = masked_mse(pred, target, m.mask)
         return StepOutput(loss, {"mse_masked": loss.detach()})
+
+    def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        return {"noise": torch.rand(batch_size, self.backbone.num_patches, generator=generator)}
 
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg

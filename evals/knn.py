@@ -41,3 +41,11 @@ def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     acc = (pred == f.test_y).float().mean().item() * 100
     rule = f"k={ctx.cfg.knn_k}, T={ctx.cfg.knn_temperature} fixed (DINO protocol); nothing selected"
     return [make_record(ctx, meta, "knn", "top1", acc, rule, time.perf_counter() - t0)]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from evals.cli import main
+
+    sys.exit(main("knn", run, __doc__))

@@ -114,3 +114,11 @@ def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
             f"of train (held-out top1 {val_acc[best]:.2f}); retrained on all train, last epoch; cached "
             "centre-crop features (no probe augmentation)")
     return [make_record(ctx, meta, "linear", "top1", test_acc, rule, time.perf_counter() - t0)]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from evals.cli import main
+
+    sys.exit(main("linear", run, __doc__))

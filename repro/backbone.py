@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from repro.config import ModelConfig
 
-PosEmbedKind = Literal["learned", "sincos"]
-InitKind = Literal["timm", "mae"]
+PosEmbedKind = Literal["learned", "sincos", "sincos_moco"]
+InitKind = Literal["timm", "mae", "moco"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,16 @@ class BackboneOptions:
     """What a method asks of the shared backbone."""
 
     pos_embed: PosEmbedKind = "learned"
-    """'sincos' = MAE's fixed 2-D sin-cos table (frozen, zero cls row); 'learned' = timm's trainable one."""
+    """'sincos' = MAE's fixed 2-D sin-cos table (frozen, zero cls row); 'sincos_moco' = MoCo v3's (row index
+    in the first half, float32); 'learned' = timm's trainable one."""
     init: InitKind = "timm"
-    """'mae' = xavier-uniform Linear and flattened patch projection, cls N(0, 0.02); 'timm' = timm's own init."""
+    """'mae' = xavier-uniform Linear and flattened patch projection, cls N(0, 0.02); 'moco' = timm's
+    ``weight_init='moco'`` (q, k, v xavier separately) + patch projection U(+-sqrt(6 / (3 p^2 + D))), zero
+    bias, cls N(0, 1e-6) (moco-v3 vits.py); 'timm' = timm's own init."""
     mask_token: bool = False
     """Create a learned [MASK] token for ``forward_masked`` (BEiT-style methods)."""
+    freeze_patch_embed: bool = False
+    """MoCo v3's "random patch projection": the patch-embedding weights are never trained."""
 
 
 def mae_sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> Tensor:
@@ -59,6 +64,24 @@ def mae_sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> Te
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
     return table.float()
+
+
+def moco_sincos_pos_embed(grid_size: int, dim: int) -> Tensor:
+    """MoCo v3's fixed 2-D sin-cos table, (1 + G*G, D), float32, cls row 0 (moco-v3 ``vits.py``).
+
+    ``torch.meshgrid(w, h)`` with 'ij' indexing puts the **row** index k // G in the first half
+    ``[sin(i w), cos(i w), sin(j w), cos(j w)]`` — the transpose of MAE's table; computed in float32.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    idx = torch.arange(grid_size * grid_size)
+    rows = torch.div(idx, grid_size, rounding_mode="floor").float()
+    cols = (idx % grid_size).float()
+    out_r, out_c = rows[:, None] * omega[None], cols[:, None] * omega[None]
+    table = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table], dim=0)
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -121,10 +144,20 @@ class MaskedViT(nn.Module):
             # MAE: "initialize patch_embed like nn.Linear (instead of nn.Conv2d)"
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(self._cls, std=0.02)
-        if options.pos_embed == "sincos":
-            table = mae_sincos_pos_embed(self.grid_size, self.embed_dim)
+        elif options.init == "moco":
+            vit.init_weights("moco")  # q, k, v xavier-uniform as separate matrices; cls N(0, 1e-6)
+            w = vit.patch_embed.proj.weight.data
+            bound = (6.0 / float(w[0].numel() + w.shape[0])) ** 0.5  # sqrt(6 / (3 p^2 + D))
+            nn.init.uniform_(w, -bound, bound)
+            if vit.patch_embed.proj.bias is not None:
+                nn.init.zeros_(vit.patch_embed.proj.bias)
+        if options.pos_embed in ("sincos", "sincos_moco"):
+            table = (mae_sincos_pos_embed(self.grid_size, self.embed_dim) if options.pos_embed == "sincos"
+                     else moco_sincos_pos_embed(self.grid_size, self.embed_dim))
             self._pos.data.copy_(table.unsqueeze(0))
             self._pos.requires_grad_(False)
+        if options.freeze_patch_embed:
+            vit.patch_embed.requires_grad_(False)
         self.mask_token: nn.Parameter | None = None
         if options.mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))

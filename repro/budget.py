@@ -100,3 +100,20 @@ def format_seconds(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.1f}m"
     return f"{s / 3600:.1f}h"
+
+
+def split_budget(spec: str, fraction: float) -> tuple[str, str]:
+    """Split a budget into two stages (MimCo: teacher, then student): ``fraction`` to the first stage.
+
+    Returns two budget strings of the same kind; step budgets are rounded, each stage keeping at least 1 step.
+    """
+    b = parse_budget(spec)
+    if not 0.0 < fraction < 1.0:
+        raise BudgetError(f"stage split {fraction}: must be in (0, 1)")
+    if b.kind == "steps":
+        if b.amount < 2:
+            raise BudgetError(f"--budget {spec!r}: two stages need at least 2 steps")
+        first = min(int(b.amount) - 1, max(1, round(b.amount * fraction)))
+        return f"{first}steps", f"{int(b.amount) - first}steps"
+    unit = {"time": "s", "epochs": "ep", "flop": "flop"}[b.kind]
+    return f"{b.amount * fraction:.6g}{unit}", f"{b.amount * (1 - fraction):.6g}{unit}"

@@ -120,12 +120,39 @@ class ExportMeta:
         return cls(**d)
 
 
-def export_backbone(out_dir: Path, state: dict[str, Tensor], meta: ExportMeta) -> None:
-    """Write ``backbone.safetensors`` and ``backbone.json`` atomically (weights first, metadata last)."""
+def export_backbone(out_dir: Path, state: dict[str, Tensor], meta: ExportMeta | None) -> None:
+    """Write ``backbone.safetensors`` and ``backbone.json`` atomically (weights first, metadata last).
+
+    ``meta=None`` writes the weights only: the export stays unfinished until :func:`write_export_meta`.
+    """
     out_dir = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     atomic_write(out_dir / EXPORT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write_text(out_dir / EXPORT_META, json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+    if meta is not None:
+        write_export_meta(out_dir, meta)
+
+
+def write_export_meta(out_dir: Path, meta: ExportMeta) -> None:
+    atomic_write_text(Path(out_dir) / EXPORT_META, json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+
+
+def export_extra(out_dir: Path, name: str, state: dict[str, Tensor]) -> Path:
+    """Write a method part beside the backbone as ``<name>.safetensors`` (e.g. MoCo v3's projector)."""
+    path = Path(out_dir) / f"{name}.safetensors"
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    return path
+
+
+def read_extra(export_dir: Path, name: str) -> dict[str, Tensor]:
+    """The tensors of ``<name>.safetensors`` in an export directory (CheckpointError when absent/unreadable)."""
+    path = Path(export_dir) / f"{name}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
 
 
 def load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
@@ -148,20 +175,31 @@ def load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_export(export_dir: Path) -> tuple[nn.Module, ExportMeta]:
-    """Rebuild the timm model named in ``backbone.json`` and load ``backbone.safetensors`` into it strictly."""
-    from repro.backbone import create_timm_model
-
+def read_export(export_dir: Path, weights: bool = True) -> tuple[ExportMeta, dict[str, Tensor]]:
+    """``backbone.json`` and (unless ``weights=False``) the raw ``backbone.safetensors`` tensors of an export."""
     export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise CheckpointError(f"{export_dir}: export directory does not exist")
     meta_path, weights_path = export_dir / EXPORT_META, export_dir / EXPORT_WEIGHTS
     for p in (meta_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{p}: missing (an export is {EXPORT_WEIGHTS} + {EXPORT_META})")
     meta = ExportMeta.from_json(meta_path)
+    if not weights:
+        return meta, {}
     try:
         state = load_file(str(weights_path))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights_path}: unreadable safetensors ({e})") from None
+    return meta, state
+
+
+def load_export(export_dir: Path) -> tuple[nn.Module, ExportMeta]:
+    """Rebuild the timm model named in ``backbone.json`` and load ``backbone.safetensors`` into it strictly."""
+    from repro.backbone import create_timm_model
+
+    meta, state = read_export(export_dir)
+    meta_path, weights_path = Path(export_dir) / EXPORT_META, Path(export_dir) / EXPORT_WEIGHTS
     try:
         model = create_timm_model(meta.timm_model, dict(meta.timm_kwargs))
     except Exception as e:  # noqa: BLE001

@@ -141,10 +141,21 @@ class EvalConfig:
     """Slice of train held out to select the linear-probe learning rate."""
     feature_batch_size: int = 256
     """Batch for frozen feature extraction."""
+    finetune_recipe: str = "vit-b"
+    """Named fine-tune recipe in ``evals.finetune.FINETUNE_RECIPES``: vit-b, vit-l (MAE protocol) or small32."""
+    finetune_epochs: float | None = None
+    """Override the fine-tune recipe's epochs (warmup is kept, capped at half the run); None = the recipe's."""
+    finetune_batch_size: int | None = None
+    """Override the fine-tune recipe's batch (lr still scales as base_lr x batch / 256); None = the recipe's."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:
             raise ConfigError("eval.holdout_fraction must be in (0, 0.5)")
+        if self.finetune_epochs is not None and not self.finetune_epochs > 0:
+            raise ConfigError("eval.finetune_epochs must be positive")
+        if self.finetune_batch_size is not None and (self.finetune_batch_size < 2 or self.finetune_batch_size % 2):
+            raise ConfigError("eval.finetune_batch_size must be even and >= 2 (timm Mixup pairs a batch with its "
+                              "reverse)")
         if not self.linear_base_lrs:
             raise ConfigError("eval.linear_base_lrs must not be empty")
 

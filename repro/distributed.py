@@ -112,11 +112,65 @@ def all_reduce_max(x: Tensor) -> Tensor:
     return y
 
 
+class CpuSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose batch statistics span every rank, for gloo/CPU runs (``nn.SyncBatchNorm`` is CUDA-only).
+
+    Sums of x and x^2 and the row count are all-reduced with autograd (``torch.distributed.nn``), so the
+    forward and backward equal one BatchNorm over the concatenated global batch. Running statistics use the
+    unbiased global variance, like ``nn.SyncBatchNorm``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and is_initialized() and world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as all_reduce_autograd
+
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), float(x.shape[0]))])
+        total = all_reduce_autograd(local)
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean * mean).clamp(min=0)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=m)
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
+    """Make every BatchNorm synchronised across ranks: ``nn.SyncBatchNorm`` on CUDA, :class:`CpuSyncBatchNorm`
+    (BatchNorm1d only; parameters and buffers carried over) elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d) and not isinstance(child, CpuSyncBatchNorm):
+            new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            new.requires_grad_(any(p.requires_grad for p in child.parameters()) if child.affine else False)
+            setattr(module, name, new)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, CpuSyncBatchNorm):
+            raise NotImplementedError(f"{name}: synchronised {type(child).__name__} on CPU is not implemented")
+        else:
+            convert_sync_bn(child, device)
+    return module
+
+
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """DDP on more than one process (SyncBatchNorm conversion for methods whose heads use BN), else the module."""
+    """DDP on more than one process (BatchNorm synchronised across ranks for methods whose heads use it), else
+    the module itself."""
     if not is_initialized():
         return module
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        module = convert_sync_bn(module, device)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

@@ -1,4 +1,4 @@
-"""Reusable heads: MAE-style decoder (more heads — projector/predictor MLPs — arrive with the methods that use them).
+"""Reusable heads: MAE-style decoder, MoCo v3-style BN MLPs (projector / predictor), per-token application.
 
 Shapes: B batch, N patches, K kept, D encoder width, E decoder width, P = p*p*3.
 """
@@ -49,3 +49,28 @@ class MAEDecoder(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.pos_embed.to(x.dtype)  # type: ignore[operator]
         x = self.norm(self.blocks(x))
         return self.pred(x)[:, 1:, :]
+
+
+def bn_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, *, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's ``_build_mlp``: bias-free Linear layers, BN + ReLU between them, and an affine-free BN last.
+
+    3 layers (D -> 4096 -> 4096 -> 256) is MoCo v3's and ConMIM's projector, 2 layers (256 -> 4096 -> 256)
+    MoCo v3's predictor. PyTorch's default Linear init (the official heads are built after the ViT init).
+    """
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        d_out = out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def per_token(head: nn.Module, tokens: Tensor) -> Tensor:
+    """Apply a (N, C) head to every token of (B, T, C): BN statistics are taken over all B*T tokens."""
+    b, t, c = tokens.shape
+    out = head(tokens.reshape(b * t, c))
+    return out.reshape(b, t, -1)

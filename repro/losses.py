@@ -69,3 +69,39 @@ def info_nce(q: Tensor, k: Tensor, temperature: float, offset: int = 0) -> Tenso
     logits = q @ k.t() / temperature
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, labels)
+
+
+def moco_contrastive(q: Tensor, k_all: Tensor, temperature: float, offset: int = 0) -> Tensor:
+    """MoCo v3 ``contrastive_loss``: ``CE(q^ k^_all^T / T, arange(B) + offset) * 2T``.
+
+    q (B, C) this device's queries; k_all (B_total, C) the keys gathered from every device (no gradient),
+    row ``offset + i`` = this device's key i (offset = B * rank). The factor 2T is the official code's.
+    """
+    return info_nce(q, k_all, temperature, offset) * (2.0 * temperature)
+
+
+def patch_info_nce(student: Tensor, teacher: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    """Intra-image, inter-patch InfoNCE (ConMIM; MimCo's patch level), mean over the masked positions.
+
+    student, teacher (B, N, C); mask (B, N) bool. Row j of ``s t^T / T`` (B, N, N) is kept when position j is
+    masked; its target is j: the teacher's token at the same position, the image's other tokens are negatives.
+    """
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    logits = torch.einsum("bic,bjc->bij", s, t) / temperature  # (B, N, N)
+    n = logits.shape[1]
+    target = torch.arange(n, device=logits.device).expand(logits.shape[0], n)
+    return F.cross_entropy(logits[mask], target[mask])
+
+
+def bank_info_nce(q: Tensor, k: Tensor, bank: Tensor, temperature: float) -> Tensor:
+    """MoCo (v1/v2) InfoNCE with a memory bank: logits ``[q.k, q.bank^T] / T``, the positive at index 0.
+
+    q, k (B, C) (k without gradient); bank (K, C) of earlier keys, already L2-normalised.
+    """
+    q = F.normalize(q.float(), dim=-1)
+    k = F.normalize(k.float(), dim=-1)
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ bank.float().t()
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))

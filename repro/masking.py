@@ -7,6 +7,7 @@ Callers may pass their own ``noise`` so a test can fix the mask exactly.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -64,3 +65,66 @@ def draw_noise(batch: int, num_tokens: int, device: torch.device, noise: Tensor 
     if tuple(noise.shape) != (batch, num_tokens):
         raise ValueError(f"noise must have shape {(batch, num_tokens)}, got {tuple(noise.shape)}")
     return noise.to(device)
+
+
+def block_mask(batch: int, grid: int, num_masking: int, *, min_patches: int = 16, max_patches: int | None = None,
+               min_aspect: float = 0.3, generator: torch.Generator | None = None) -> Tensor:
+    """BEiT's block-wise mask generator (``MaskingGenerator``), one (grid, grid) mask per sample -> (B, N) bool.
+
+    Repeatedly places a rectangle of area ~U(min_patches, remaining) and aspect ratio log-uniform in
+    [min_aspect, 1 / min_aspect] at a uniform position, accepting it when it adds between 1 and ``remaining``
+    new patches (10 tries per rectangle), until ``num_masking`` patches are masked or no rectangle fits.
+    Draws from torch's RNG (``generator`` or the global CPU one) so the trainer's per-step seed fixes it.
+    """
+    if not 0 < num_masking <= grid * grid:
+        raise ValueError(f"num_masking must be in [1, {grid * grid}], got {num_masking}")
+    max_patches = num_masking if max_patches is None else max_patches
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def u(a: float, b: float) -> float:
+        return a + (b - a) * float(torch.rand((), generator=generator))
+
+    def randint(lo: int, hi: int) -> int:  # inclusive, like random.randint
+        return int(torch.randint(lo, hi + 1, (), generator=generator))
+
+    out = torch.zeros(batch, grid, grid, dtype=torch.bool)
+    for s in range(batch):
+        mask = out[s]
+        count = 0
+        while count < num_masking:
+            remaining = min(num_masking - count, max_patches)
+            delta = 0
+            for _ in range(10):
+                area = u(min_patches, remaining)
+                aspect = math.exp(u(*log_aspect))
+                h = int(round(math.sqrt(area * aspect)))
+                w = int(round(math.sqrt(area / aspect)))
+                if w < grid and h < grid:
+                    top, left = randint(0, grid - h), randint(0, grid - w)
+                    window = mask[top:top + h, left:left + w]
+                    new = h * w - int(window.sum())
+                    if 0 < new <= remaining:
+                        window.fill_(True)
+                        delta = new
+                    if delta > 0:
+                        break
+            if delta == 0:
+                break
+            count += delta
+    return out.reshape(batch, grid * grid)
+
+
+def random_block_mask(batch: int, grid: int, block: int, mask_ratio: float,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Random masking of ``block`` x ``block``-patch squares (ConMIM ViT-L: 32-px blocks of 16-px patches).
+
+    ``int(cells * mask_ratio)`` of the (grid / block)^2 cells are masked per sample -> (B, N) bool.
+    """
+    if grid % block:
+        raise ValueError(f"patch grid {grid} is not divisible by the mask block {block}")
+    cells = grid // block
+    n_mask = int(cells * cells * mask_ratio)
+    order = torch.argsort(torch.rand(batch, cells * cells, generator=generator), dim=1)
+    coarse = torch.zeros(batch, cells * cells, dtype=torch.bool).scatter_(1, order[:, :n_mask], True)
+    fine = coarse.view(batch, cells, 1, cells, 1).expand(batch, cells, block, cells, block)
+    return fine.reshape(batch, grid * grid)

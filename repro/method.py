@@ -8,8 +8,9 @@ method (EMA momentum, ...) are functions of ``step.progress`` in [0, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from repro.backbone import BackboneOptions, MaskedViT
@@ -73,7 +74,10 @@ class MethodConfig:
 
 
 class PretrainMethod(nn.Module):
-    """Base class of every pre-training method (see DESIGN.md, "The method contract")."""
+    """Base class of every pre-training method (see DESIGN.md, "The method contract").
+
+    Subclasses define ``forward(batch, step, **controlled) -> StepOutput``.
+    """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
@@ -93,11 +97,24 @@ class PretrainMethod(nn.Module):
         """The augmentation pipeline the data loader must produce for this method."""
         raise NotImplementedError
 
-    def forward(self, batch: Batch, step: StepInfo, *, noise: Tensor | None = None) -> StepOutput:  # noqa: D401
-        raise NotImplementedError
+    # forward(batch: Batch, step: StepInfo, **controlled) -> StepOutput: the loss of one step; ``controlled`` are
+    # the keyword arguments of :meth:`controlled_inputs` (each method names its own: noise, mask, ...).
+
+    def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Draw this method's internal randomness (mask noise, boolean masks) as ``forward`` keyword arguments.
+
+        Passing the same dict to ``forward`` twice gives the same loss: how comparison tests fix masks.
+        Methods whose only randomness is the augmentation (MoCo v3: views are given tensors) return {}.
+        """
+        return {}
 
     def after_optimizer_step(self, step: StepInfo) -> None:
         """EMA / momentum updates; called once after every optimizer step. Default: nothing."""
+
+    def extra_exports(self) -> dict[str, dict[str, Tensor]]:
+        """Method parts exported beside the backbone as ``<name>.safetensors`` (MoCo v3's projector, which
+        MimCo's teacher needs). Default: none."""
+        return {}
 
     def eval_backbone(self) -> MaskedViT:
         """The encoder that is exported and evaluated (online by default; momentum for some methods)."""

@@ -21,6 +21,7 @@ Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,7 +94,7 @@ class MiCL(PretrainMethod):
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(kind="crop_flip", count=1, scale=self.cfg.crop_scale)
+        return ViewSpec(count=1, scale=self.cfg.crop_scale)
 
     def encode_views(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The two cls features (B, D) of one image's disjoint visible halves."""
@@ -123,6 +124,9 @@ class MiCL(PretrainMethod):
         with torch.no_grad():
             cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
         return StepOutput(loss, {"infonce_tsp": loss.detach(), "aux/pos_cosine": cos})
+
+    def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        return {"noise": torch.rand(batch_size, self.backbone.num_patches, generator=generator)}
 
     def flops_per_image(self) -> float:
         bb = self.backbone

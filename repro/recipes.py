@@ -28,6 +28,8 @@ def tiny(method: str) -> list[Override]:
                  "barely move a model in a few hundred steps"),
         Override("eval.linear_batch_size", 256, "5k training features; 16384 would be one step per epoch"),
         Override("eval.feature_batch_size", 512, "small images"),
+        Override("eval.finetune_recipe", "small32", "MAE's fine-tune protocol scaled to 5k 32-px images on a CPU: "
+                 "a few epochs of batch 128 instead of 100 epochs of batch 1024 (evals/finetune.py says why)"),
         Override("eval.linear_base_lrs", (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
                  "LARS moves the probe by ~lr x 0.001 x |w| per step, so its total travel scales with dataset size "
                  "x base lr: MAE's 0.1 (tuned for 1.28M images) leaves a probe on 5k images near its init"),
@@ -39,6 +41,25 @@ def tiny(method: str) -> list[Override]:
             Override("method.decoder_dim", 128, "the 8x512 decoder is ~4x the cost of this 6x192 encoder"),
             Override("method.decoder_depth", 2, "same reason; MAE Table 1a shows depth 1-2 still works"),
             Override("method.decoder_heads", 4, "128 / 4 = 32-wide heads"),
+        ],
+        "mocov3": [
+            Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step"),
+        ],
+        "conmim": [
+            Override("method.num_mask_patches", 24, "75/196 (38%) of 64 tokens"),
+            Override("method.min_mask_patches", 5, "BEiT's 16 of 196 patches, scaled to 64"),
+            Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step"),
+            Override("train.base_lr", 5e-4, "ConMIM's lr is absolute (paper: 5e-4): the same lr the others get here "
+                     "(1e-3 x 128 / 256)"),
+        ],
+        "mimco": [
+            Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step"),
+        ],
+        "macrl": [
+            Override("method.decoder_dim", 128, "as MAE here: the 8x512 decoders would be ~8x this encoder"),
+            Override("method.decoder_depth", 2, "as MAE here"),
+            Override("method.decoder_heads", 4, "128 / 4 = 32-wide heads"),
+            Override("method.bank_size", 4096, "below the 5k built-in training images (65536 is ImageNet's)"),
         ],
     }
     return common + per_method.get(method, [])

@@ -21,7 +21,7 @@ import torch
 
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
-from repro.budget import BudgetError, parse_budget
+from repro.budget import BudgetError, parse_budget, split_budget
 from repro.checkpoint import (
     EXPORT_META,
     EXPORT_WEIGHTS,
@@ -29,6 +29,8 @@ from repro.checkpoint import (
     ExportMeta,
     atomic_write_text,
     export_backbone,
+    export_extra,
+    write_export_meta,
 )
 from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, DatasetSplits, load_data
@@ -45,6 +47,8 @@ EPILOG = """examples:
   torchrun --nproc-per-node 2 -m repro.run mae --budget 5m        # same command, DDP
   python -m repro.run micl --budget 200steps --evals none --out /tmp/runs --seed 1
   python -m repro.run mae --budget 300ep --set method.mask_ratio=0.8 --set train.batch_size=1024
+  python -m repro.run mimco --budget 4m                           # trains its MoCo v3 teacher first (2m + 2m)
+  python -m repro.run mimco --budget 2m --set method.teacher=runs/builtin-shapes/mocov3/<run>  # reuse one
 
 budgets (per method): 90s 3m 2h 2d = pre-training wall-clock on this hardware (calibrated into a fixed
 step count); 300ep = epochs; 5000steps = optimizer steps; 2e18flop = analytic training FLOPs.
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", default="knn,linear", help=f"comma list of {', '.join(EVALS)}, or 'none' "
                    "(default: knn,linear)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. method.mask_ratio=0.8, train.batch_size=256 (repeatable)")
+                   help="override any config field, e.g. method.mask_ratio=0.8, train.batch_size=256 (repeatable); "
+                   "<method>.<field>=V sets a method field for that method only, e.g. macrl.bank_size=256")
     p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0], help="seed(s); default 0")
     p.add_argument("--out", default="runs", help="where run directories (checkpoints, exports, metrics) go "
                    "(default: ./runs)")
@@ -87,7 +92,11 @@ def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) 
     if args.model:
         cfg = replace(cfg, model=replace(cfg.model, name=args.model))
     cfg = apply_overrides(cfg, {"budget.spec": args.budget})
-    return apply_overrides(cfg, sets)
+    # "<method>.<field>" applies to that method only (e.g. macrl.bank_size=256 beside mae in one command)
+    scoped = {k: v for k, v in sets.items() if k.split(".", 1)[0] in METHODS}
+    shared = {k: v for k, v in sets.items() if k not in scoped}
+    mine = {"method." + k.split(".", 1)[1]: v for k, v in scoped.items() if k.split(".", 1)[0] == method}
+    return apply_overrides(cfg, {**shared, **mine})
 
 
 def run_dir_for(out: Path, dataset: str, cfg: RunConfig) -> Path:
@@ -119,12 +128,67 @@ def _extra(cfg: RunConfig, r: TrainResult) -> dict:
 
 def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
              records_path: Path) -> ExportMeta:
-    """Train (or resume, or skip when finished) one method; returns the export's metadata."""
+    """Train (or resume, or skip when finished) one method; returns the export's metadata.
+
+    A method with a teacher stage (``teacher_method``, MimCo) and no ``method.teacher`` first trains the
+    teacher in ``run_dir/stage1-<teacher>`` on ``method.stage1_fraction`` of the budget, then itself on the
+    rest; its export metadata states both stages, and its pre-training time is their sum.
+    """
     meta_path = run_dir / EXPORT_META
     if (run_dir / EXPORT_WEIGHTS).exists() and meta_path.exists() and read_summary(run_dir) is not None:
         if dist_info.rank == 0:
             log.info("%s: finished run found in %s, skipping pre-training", cfg.method, run_dir)
         return ExportMeta.from_json(meta_path)
+    teacher_method = getattr(METHODS[cfg.method], "teacher_method", None)
+    if teacher_method is None:
+        return _train(cfg, data, dist_info, run_dir, progress, records_path)
+    if getattr(cfg.method_cfg, "teacher", None) is not None:
+        meta = _train(cfg, data, dist_info, run_dir, progress, records_path, write_export=False)
+        note = f"teacher {cfg.method_cfg.teacher} given (its pre-training is not in this budget)"
+        return _finish_export(run_dir, replace(meta, extra={**meta.extra, "note": note}), dist_info)
+    s1_spec, s2_spec = split_budget(cfg.budget.spec, cfg.method_cfg.stage1_fraction)
+    s1_cfg = stage_config(teacher_method, cfg, s1_spec)
+    s1_dir = run_dir / f"stage1-{teacher_method}"
+    if dist_info.rank == 0:
+        log.info("%s: stage 1 = %s teacher on %s of the %s budget, stage 2 = student on %s", cfg.method,
+                 teacher_method, s1_spec, cfg.budget.spec, s2_spec)
+    s1 = pretrain(s1_cfg, data, dist_info, s1_dir, progress, records_path)
+    distributed.barrier()  # the teacher export is written by rank 0
+    s2_cfg = apply_overrides(cfg, {"method.teacher": str(s1_dir.resolve()), "budget.spec": s2_spec})
+    s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False)
+    x1, x2 = s1.extra, s2.extra
+    t1, t2 = float(x1.get("pretrain_seconds") or 0.0), float(x2.get("pretrain_seconds") or 0.0)
+    note = (f"budget {cfg.budget.spec} = stage 1 {teacher_method} teacher {s1_spec} ({s1.steps} steps, {t1:.0f}s) "
+            f"+ stage 2 student {s2_spec} ({s2.steps} steps, {t2:.0f}s)")
+    extra = {**x2, "pretrain_seconds": t1 + t2, "device_hours": float(x1.get("device_hours") or 0.0)
+             + float(x2.get("device_hours") or 0.0), "note": note,
+             "stage1": {"method": teacher_method, "budget": s1_spec, "steps": s1.steps, "seconds": t1,
+                        "final_loss": x1.get("final_loss"), "export": str(s1_dir)},
+             "stage2": {"budget": s2_spec, "steps": s2.steps, "seconds": t2}}
+    budget = parse_budget(cfg.budget.spec)
+    meta = replace(s2, budget=cfg.budget.spec, budget_seconds=budget.seconds, config_hash=cfg.config_hash(),
+                   extra=extra)
+    return _finish_export(run_dir, meta, dist_info)
+
+
+def stage_config(method: str, parent: RunConfig, budget: str) -> RunConfig:
+    """The config of a stage another method runs first: its own paper defaults and recipe overrides, the
+    parent's model, data, training, evaluation and seed settings, and its share of the budget."""
+    cls = METHODS[method]
+    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe=parent.recipe)
+    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[parent.recipe](method) if o.key.startswith("method.")})
+    return replace(cfg, model=parent.model, data=parent.data, train=parent.train, eval=parent.eval, seed=parent.seed,
+                   budget=replace(parent.budget, spec=budget))
+
+
+def _finish_export(run_dir: Path, meta: ExportMeta, dist_info) -> ExportMeta:
+    if dist_info.rank == 0:
+        write_export_meta(run_dir, meta)  # the weights _train wrote; the metadata completes the export
+    return meta
+
+
+def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool, records_path: Path,
+           *, write_export: bool = True) -> ExportMeta:
     torch.manual_seed(cfg.seed)
     cls = METHODS[cfg.method]
     backbone = MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg))
@@ -145,7 +209,10 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
         raise
     meta = export_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result))
     if dist_info.rank == 0:
-        export_backbone(run_dir, method.eval_backbone().export_state_dict(), meta)
+        for name, state in method.extra_exports().items():
+            export_extra(run_dir, name, state)
+        # without write_export: weights only; the export is unfinished until the caller writes its metadata
+        export_backbone(run_dir, method.eval_backbone().export_state_dict(), meta if write_export else None)
         log.info("%s: %d steps (%.1f epochs) in %.1fs, %.0f img/s, final loss %.4f -> %s", cfg.method, result.steps,
                  result.plan.epochs, result.pretrain_seconds, result.images_per_second, result.final_loss, run_dir)
     return meta
@@ -163,6 +230,7 @@ def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
         budget_seconds=budget.seconds, pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps,
         epochs=x.get("epochs"), images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
         config_hash=meta.config_hash, git_revision=meta.git_revision, recipe=x.get("recipe", ""), time=now_iso(),
+        note=str(x.get("note", "")),
     )
 
 
@@ -223,6 +291,9 @@ def _main(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--evals: unknown evaluation {bad[0]!r}; choose from {', '.join(EVALS)} or none")
     sets = parse_set_args(args.sets)
+    idle = [k for k in sets if k.split(".", 1)[0] in METHODS and k.split(".", 1)[0] not in args.methods]
+    if idle:
+        raise ConfigError(f"--set {idle[0]}: {idle[0].split('.', 1)[0]} is not among the methods being run")
     configs = [resolve_config(m, args, {**sets, "seed": str(s)}) for s in args.seeds for m in args.methods]
 
     results_dir = Path(args.results)
@@ -273,7 +344,7 @@ def _main(args: argparse.Namespace) -> int:
     if not args.no_report:
         from repro import report
 
-        written = report.generate(results_dir)
+        written = report.generate(results_dir, out)
         for p in written:
             log.info("wrote %s", p)
     return 0

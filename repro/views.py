@@ -1,9 +1,17 @@
 """Augmentation pipelines that methods declare through :class:`ViewSpec`; the trainer stays method-agnostic.
 
-Two back-ends produce the same views:
+A view is RandomResizedCrop + horizontal flip, then optional photometric corruption (:class:`Photometric`:
+colour jitter, grayscale, Gaussian blur, solarize — the BYOL/MoCo v3 recipe), then normalisation. Views may
+share one crop (ConMIM: the student and teacher see the same pixels, only the teacher's are corrupted).
+
+Two back-ends produce the same distribution of views:
 - :class:`TensorAugment` — batched, on whatever device holds a uint8 image tensor (the small-data path):
-  per-sample RandomResizedCrop boxes sampled like torchvision's, resampled with ``grid_sample``, and flips.
+  per-sample RandomResizedCrop boxes sampled like torchvision's, resampled with ``grid_sample``, flips, and
+  per-sample photometric parameters drawn like torchvision's (jitter order permuted per image).
 - :func:`pil_view_transform` — torchvision transforms per image for the streaming ImageFolder path.
+
+Blur sigmas are stated for 224-px crops (BYOL: 0.1-2.0) and scale with the crop size, so a 32-px view is
+blurred by the same fraction of the image.
 """
 
 from __future__ import annotations
@@ -19,12 +27,45 @@ from torch import Tensor
 Interp = Literal["bicubic", "bilinear"]
 
 
+REFERENCE_SIZE = 224
+"""Crop size at which blur sigmas are stated."""
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """Photometric corruption of one view, applied after the crop in torchvision's order (BYOL recipe)."""
+
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    """ColorJitter (brightness, contrast, saturation, hue) strengths."""
+    jitter_p: float = 0.0
+    """Probability of applying the colour jitter (its four parts then run in a random order)."""
+    gray_p: float = 0.0
+    """RandomGrayscale probability (ITU-R 601-2 luma, replicated to three channels)."""
+    blur_p: float = 0.0
+    """Gaussian-blur probability."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Blur sigma range in pixels of a 224-px crop (scaled with the crop size)."""
+    solarize_p: float = 0.0
+    """Solarize probability (pixels >= 128 of 255 inverted)."""
+
+    @property
+    def active(self) -> bool:
+        return max(self.jitter_p, self.gray_p, self.blur_p, self.solarize_p) > 0
+
+
+NONE = Photometric()
+_JITTER = (0.4, 0.4, 0.2, 0.1)
+BYOL_VIEW1 = Photometric(jitter=_JITTER, jitter_p=0.8, gray_p=0.2, blur_p=1.0)
+"""BYOL / MoCo v3 first view: colour jitter p 0.8, grayscale p 0.2, blur p 1.0."""
+BYOL_VIEW2 = Photometric(jitter=_JITTER, jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.2)
+"""BYOL / MoCo v3 second view: colour jitter p 0.8, grayscale p 0.2, blur p 0.1, solarize p 0.2 (also
+ConMIM's strong teacher view)."""
+
+
 @dataclass(frozen=True)
 class ViewSpec:
-    """A method's augmentation: ``count`` independent views of one kind."""
+    """A method's augmentation: ``count`` views, each RandomResizedCrop + flip + its photometric corruption."""
 
-    kind: Literal["crop_flip"] = "crop_flip"
-    """'crop_flip': RandomResizedCrop + horizontal flip + normalisation, no colour (MAE, MiCL)."""
     count: int = 1
     """How many views per image the method consumes."""
     scale: tuple[float, float] = (0.2, 1.0)
@@ -33,6 +74,20 @@ class ViewSpec:
     """RandomResizedCrop aspect-ratio range."""
     interpolation: Interp = "bicubic"
     hflip: float = 0.5
+    photometric: tuple[Photometric, ...] = ()
+    """One entry per view; empty = no photometric corruption (MAE, MiCL)."""
+    shared_crop: bool = False
+    """All views come from one crop + flip of the image (ConMIM's student/teacher pair)."""
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("ViewSpec.count must be >= 1")
+        if self.photometric and len(self.photometric) != self.count:
+            raise ValueError(f"ViewSpec.photometric needs one entry per view ({self.count}), "
+                             f"got {len(self.photometric)}")
+
+    def view_photometric(self, i: int) -> Photometric:
+        return self.photometric[i] if self.photometric else NONE
 
 
 def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -90,23 +145,150 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None,
     return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
+# ---------------------------------------------------------------------- photometric ops on [0, 1] floats
+_LUMA = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luma, torchvision's ``rgb_to_grayscale`` weights."""
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(x: Tensor, other: Tensor, f: Tensor) -> Tensor:
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
+
+
+def rgb_to_hsv(x: Tensor) -> Tensor:
+    """(n, 3, H, W) RGB in [0, 1] -> HSV with hue in [0, 1)."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    d = delta.clamp(min=1e-12)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+
+def hsv_to_rgb(x: Tensor) -> Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sel = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(x)
+    for k, (rr, gg, bb) in enumerate(sel):
+        m = (i == k).unsqueeze(1)
+        out = torch.where(m, torch.stack([rr, gg, bb], 1), out)
+    return out
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    hsv = rgb_to_hsv(x)
+    h = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], 1))
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Separable Gaussian blur with a per-image ``sigma`` (n,), reflect padding, kernel 2*radius+1."""
+    n, c, h, w = x.shape
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, K)
+    y = x.reshape(1, n * c, h, w)
+    pad_w, pad_h = min(radius, w - 1), min(radius, h - 1)
+    y = F.pad(y, (pad_w, pad_w, 0, 0), mode="reflect")
+    kw = k[:, radius - pad_w: radius + pad_w + 1] if pad_w < radius else k
+    y = F.conv2d(y, (kw / kw.sum(1, keepdim=True)).view(n * c, 1, 1, -1), groups=n * c)
+    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect")
+    kh = k[:, radius - pad_h: radius + pad_h + 1] if pad_h < radius else k
+    y = F.conv2d(y, (kh / kh.sum(1, keepdim=True)).view(n * c, 1, -1, 1), groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def blur_radius(p: Photometric, size: int) -> int:
+    return max(1, math.ceil(3.0 * p.blur_sigma[1] * size / REFERENCE_SIZE))
+
+
+def apply_photometric(x: Tensor, p: Photometric) -> Tensor:
+    """Batched photometric corruption of crops ``x`` (n, 3, S, S) in [0, 1], parameters drawn per image.
+
+    Same distribution as torchvision's RandomApply(ColorJitter) -> RandomGrayscale -> RandomApply(GaussianBlur)
+    -> RandomSolarize(128): jitter factors uniform in [max(0, 1 - s), 1 + s] (hue in [-h, h]), applied in a
+    random order per image.
+    """
+    if not p.active:
+        return x
+    n, dev = x.shape[0], x.device
+
+    def coin(prob: float) -> Tensor:
+        return torch.rand(n, device=dev) < prob
+
+    if p.jitter_p > 0:
+        on = coin(p.jitter_p)
+        b, c, s, h = p.jitter
+        fb = torch.empty(n, device=dev).uniform_(max(0.0, 1 - b), 1 + b)
+        fc = torch.empty(n, device=dev).uniform_(max(0.0, 1 - c), 1 + c)
+        fs = torch.empty(n, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
+        fh = torch.empty(n, device=dev).uniform_(-h, h)
+        order = torch.argsort(torch.rand(n, 4, device=dev), dim=1)  # a random permutation per image
+        y = x.clone()
+        for slot in range(4):
+            for k in range(4):  # each image gets op order[i, slot]: run op k on just those images
+                idx = (order[:, slot] == k).nonzero().squeeze(1)
+                if idx.numel() == 0 or (k == 3 and h == 0):
+                    continue
+                yi = y.index_select(0, idx)
+                if k == 0:
+                    yi = _blend(yi, torch.zeros_like(yi), fb[idx])
+                elif k == 1:
+                    yi = _blend(yi, _gray(yi).mean(dim=(1, 2, 3), keepdim=True), fc[idx])
+                elif k == 2:
+                    yi = _blend(yi, _gray(yi), fs[idx])
+                else:
+                    yi = adjust_hue(yi, fh[idx])
+                y.index_copy_(0, idx, yi)
+        x = torch.where(on.view(-1, 1, 1, 1), y, x)
+    if p.gray_p > 0:
+        x = torch.where(coin(p.gray_p).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    if p.blur_p > 0:
+        on = coin(p.blur_p)
+        size = x.shape[-1]
+        sigma = torch.empty(n, device=dev).uniform_(*p.blur_sigma) * size / REFERENCE_SIZE
+        x = torch.where(on.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_radius(p, size)), x)
+    if p.solarize_p > 0:
+        on = coin(p.solarize_p).view(-1, 1, 1, 1)
+        x = torch.where(on & (x >= 128 / 255), 1.0 - x, x)
+    return x
+
+
 class TensorAugment:
     """Batched views of uint8 images (n, 3, H, W) on their own device -> tuple of normalised float views."""
 
     def __init__(self, spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.spec = spec
         self.size = size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def _crop(self, x: Tensor) -> Tensor:
+        s = self.spec
+        boxes = sample_crop_boxes(x.shape[0], x.shape[2], x.shape[3], s.scale, s.ratio, x.device)
+        flip = torch.rand(x.shape[0], device=x.device) < s.hflip
+        return resized_crops(x, boxes, self.size, flip, s.interpolation).clamp_(0, 255).div_(255.0)
 
     def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
         x = images.float()
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         views = []
-        for _ in range(self.spec.count):
-            boxes = sample_crop_boxes(x.shape[0], x.shape[2], x.shape[3], self.spec.scale, self.spec.ratio, x.device)
-            flip = torch.rand(x.shape[0], device=x.device) < self.spec.hflip
-            v = resized_crops(x, boxes, self.size, flip, self.spec.interpolation).clamp_(0, 255)
+        shared = self._crop(x) if self.spec.shared_crop else None
+        for i in range(self.spec.count):
+            v = shared if shared is not None else self._crop(x)
+            v = apply_photometric(v, self.spec.view_photometric(i))
             views.append((v - mean) / std)
         return tuple(views)
 
@@ -121,20 +303,41 @@ def normalize_uint8(images: Tensor, size: int, mean: tuple[float, ...], std: tup
     return (x - m) / s
 
 
+def pil_photometric(p: Photometric, size: int):
+    """torchvision transforms for one view's photometric corruption (PIL images)."""
+    from torchvision import transforms as T
+
+    out: list = []
+    if p.jitter_p > 0:
+        out.append(T.RandomApply([T.ColorJitter(*p.jitter)], p=p.jitter_p))
+    if p.gray_p > 0:
+        out.append(T.RandomGrayscale(p.gray_p))
+    if p.blur_p > 0:
+        scale = size / REFERENCE_SIZE
+        sigma = (p.blur_sigma[0] * scale, p.blur_sigma[1] * scale)
+        out.append(T.RandomApply([T.GaussianBlur(2 * blur_radius(p, size) + 1, sigma)], p=p.blur_p))
+    if p.solarize_p > 0:
+        out.append(T.RandomSolarize(128, p=p.solarize_p))
+    return out
+
+
 def pil_view_transform(spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
     """torchvision per-image transform producing ``spec.count`` views (streaming ImageFolder path)."""
     from torchvision import transforms as T
 
     interp = T.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    one = T.Compose([
-        T.RandomResizedCrop(size, scale=spec.scale, ratio=spec.ratio, interpolation=interp),
-        T.RandomHorizontalFlip(spec.hflip),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    crop = T.Compose([T.RandomResizedCrop(size, scale=spec.scale, ratio=spec.ratio, interpolation=interp),
+                      T.RandomHorizontalFlip(spec.hflip)])
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    per_view = [T.Compose([*pil_photometric(spec.view_photometric(i), size), *tail]) for i in range(spec.count)]
     if spec.count == 1:
-        return one
-    return lambda img: tuple(one(img) for _ in range(spec.count))
+        return T.Compose([crop, per_view[0]])
+    if spec.shared_crop:
+        def shared(img):
+            c = crop(img)
+            return tuple(v(c) for v in per_view)
+        return shared
+    return lambda img: tuple(v(crop(img)) for v in per_view)
 
 
 def pil_eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -35,7 +35,32 @@ def tiny_config(method: str, **overrides) -> RunConfig:
     return apply_overrides(cfg, {**SMALL, **overrides})
 
 
+_TEACHERS: dict[str, Path] = {}
+
+
+def mimco_teacher() -> Path:
+    """A small MoCo v3 export (backbone + projector) for MimCo's stage 2, made once per session."""
+    if "t" not in _TEACHERS:
+        import tempfile
+
+        from repro.checkpoint import ExportMeta, export_backbone, export_extra
+
+        cfg, moco = build_method("mocov3", seed=123)
+        out = Path(tempfile.mkdtemp(prefix="mimco-teacher-"))
+        bb = moco.eval_backbone()
+        meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
+                          patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method="mocov3", steps=0,
+                          budget="-", budget_seconds=None, config_hash=cfg.config_hash(), git_revision="")
+        for name, state in moco.extra_exports().items():
+            export_extra(out, name, state)
+        export_backbone(out, bb.export_state_dict(), meta)
+        _TEACHERS["t"] = out
+    return _TEACHERS["t"]
+
+
 def build_method(method: str, seed: int = 0, **overrides):
+    if method == "mimco" and "method.teacher" not in overrides:
+        overrides["method.teacher"] = str(mimco_teacher())
     cfg = tiny_config(method, **overrides)
     torch.manual_seed(seed)
     cls = METHODS[method]

@@ -30,26 +30,55 @@ def test_finite_loss_and_logs(name):
     torch.testing.assert_close(sum(parts), out.loss.detach())
 
 
+def _fixed_state(m) -> dict[str, torch.Tensor]:
+    """Every parameter that takes no gradient (momentum copies, frozen teacher/patch projection, fixed positions)."""
+    return {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+
+
+MOMENTUM_PREFIXES = {"mocov3": ("momentum_backbone.", "momentum_projector."),
+                     "conmim": ("teacher_backbone.", "teacher_projector."),
+                     "macrl": ("key_backbone.", "key_projector.")}
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_one_step_changes_online_weights(name):
+def test_one_step_changes_online_weights_only(name):
+    """A step moves the online encoder; momentum/teacher/frozen weights change only in after_optimizer_step."""
     _, m = build_method(name)
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    fixed = _fixed_state(m)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
     m(_batch(m), StepInfo(0, 10)).loss.backward()
     opt.step()
     changed = [n for n, p in m.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(n.startswith("backbone.vit.blocks") for n in changed)
-    assert not m.backbone.vit.pos_embed.requires_grad  # fixed sin-cos for MAE and MiCL
+    for n, p in m.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, fixed[n]), f"{n} changed without after_optimizer_step"
+    learned_pos = m.backbone.options.pos_embed == "learned"
+    assert m.backbone.vit.pos_embed.requires_grad == learned_pos
+    m.after_optimizer_step(StepInfo(0, 10))
+    moved = {n for n, p in m.named_parameters() if not p.requires_grad and not torch.equal(p, fixed[n])}
+    prefixes = MOMENTUM_PREFIXES.get(name, ())
+    if prefixes:
+        assert any(n.startswith(prefixes[0] + "vit.blocks") for n in moved)
+        assert any(n.startswith(prefixes[1]) for n in moved)
+    # everything else that is frozen stays frozen: fixed positions, MoCo's patch projection, MimCo's teacher
+    assert all(n.startswith(prefixes) for n in moved), sorted(n for n in moved if not n.startswith(prefixes))
+    assert not any(n.endswith("pos_embed") and not learned_pos for n in moved)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_deterministic_under_seed_and_noise(name):
+def test_deterministic_under_seed_and_controlled_inputs(name):
     _, m = build_method(name)
     batch = _batch(m)
-    noise = torch.rand(8, m.backbone.num_patches)
-    a = m(batch, StepInfo(0, 10), noise=noise).loss
-    b = m(batch, StepInfo(0, 10), noise=noise.clone()).loss
+    kw = m.controlled_inputs(8, torch.Generator().manual_seed(1))
+    kw2 = m.controlled_inputs(8, torch.Generator().manual_seed(1))
+    a = m(batch, StepInfo(0, 10), **kw).loss
+    b = m(batch, StepInfo(0, 10), **kw2).loss
     assert torch.equal(a, b)
+    if kw:  # a different draw of the method's randomness gives a different loss
+        kw3 = m.controlled_inputs(8, torch.Generator().manual_seed(2))
+        assert not torch.equal(a, m(batch, StepInfo(0, 10), **kw3).loss)
     torch.manual_seed(5)
     c = m(batch, StepInfo(0, 10)).loss
     torch.manual_seed(5)

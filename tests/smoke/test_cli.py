@@ -74,12 +74,35 @@ def test_bad_input_is_one_line_error(tmp_path, cpu_env, args, needle):
 
 
 def test_torchrun_two_process_gloo(tmp_path, cpu_env):
+    """MAE, plus MoCo v3 (gathered keys, synced BN) and MACRL (gathered keys into the memory bank) under DDP."""
     p = run(["torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "repro.run", "mae",
-             "--budget", "4steps", "--evals", "none", "--out", str(tmp_path / "runs"),
-             "--results", str(tmp_path / "results"), *SMALL], cpu_env, tmp_path)
+             "mocov3", "macrl", "--budget", "4steps", "--evals", "none", "--out", str(tmp_path / "runs"),
+             "--results", str(tmp_path / "results"), *SMALL, "--set", "macrl.bank_size=256"], cpu_env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     recs, _ = read_all(tmp_path / "results" / "records")
-    assert len(recs) == 1 and recs[0].world_size == 2 and recs[0].steps == 4
+    assert sorted(r.method for r in recs) == ["macrl", "mae", "mocov3"]
+    assert all(r.world_size == 2 and r.steps == 4 and r.value == r.value for r in recs)
+
+
+def test_mimco_trains_its_teacher_first_and_records_the_split(tmp_path, cpu_env):
+    args = ["repro.run", "mimco", "--budget", "6steps", "--evals", "knn", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"), *SMALL]
+    p = run(args, cpu_env, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = next((tmp_path / "runs" / "builtin-shapes" / "mimco").iterdir())
+    stage1 = run_dir / "stage1-mocov3"
+    assert (stage1 / "projector.safetensors").exists() and (stage1 / "backbone.safetensors").exists()
+    meta = json.loads((run_dir / "backbone.json").read_text())
+    assert meta["budget"] == "6steps" and meta["steps"] == 3
+    assert meta["extra"]["stage1"]["steps"] == 3 and meta["extra"]["stage1"]["method"] == "mocov3"
+    recs, _ = read_all(tmp_path / "results" / "records")
+    pre = [r for r in recs if r.eval == "pretrain"]
+    assert [r.method for r in pre] == ["mimco"]  # the teacher is part of mimco's budget, not a row of its own
+    assert "stage 1 mocov3 teacher 3steps" in pre[0].note and "stage 2 student 3steps" in pre[0].note
+    assert pre[0].pretrain_seconds >= meta["extra"]["stage1"]["seconds"]
+    assert any(r.method == "mimco" and r.eval == "knn" for r in recs)
+    p2 = run(args, cpu_env, tmp_path)
+    assert p2.returncode == 0 and "skipping pre-training" in p2.stderr
 
 
 def test_pretrain_on_real_cifar10_jpegs(tmp_path, cpu_env, cifar_jpeg_subset):
