@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +55,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if path.name == CHECKPOINT and os.environ.get("REPRO_TEST_SLOW_CKPT"):
+            # test hook (tests/reliability/test_resume.py): hold the written temp file this many seconds before
+            # the rename, so a SIGKILL can land mid-checkpoint; unset in normal use
+            time.sleep(float(os.environ["REPRO_TEST_SLOW_CKPT"]))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -65,6 +71,60 @@ def atomic_write_text(path: Path, text: str) -> None:
         p.write_text(text)
 
     atomic_write(path, write)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files of :func:`atomic_write` calls that were killed before their cleanup ran.
+
+    They are never loaded, but each killed checkpoint write would otherwise leave a checkpoint's worth of disk
+    behind. Call only as the directory's single writer (rank 0 of a run directory, before it writes).
+    """
+    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class OutputError(CheckpointError):
+    """An output directory that cannot take a run (not a directory, not writable, short of space)."""
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def run_disk_bytes(method: nn.Module, export: nn.Module) -> int:
+    """Peak disk a run needs: while an atomic checkpoint save runs the old and the new file coexist (2 x model
+    state + AdamW's two moments of every trainable parameter), plus the exported backbone."""
+    state = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in method.parameters() if p.requires_grad)
+    return 2 * (state + moments) + sum(t.numel() * t.element_size() for t in export.state_dict().values())
+
+
+def check_output_dir(path: Path, need_bytes: int = 0) -> None:
+    """Fail before any work, creating nothing: ``path``, or the nearest ancestor that exists, must be a writable
+    directory with ``need_bytes`` free (an OutputError names the path)."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{path}: not a directory" if probe == path else f"{path}: cannot be created, {probe} "
+                          "is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):  # O_TMPFILE where supported: nothing visible is created
+            pass
+    except OSError as e:
+        where = "" if probe == path else f"{probe}: "
+        raise OutputError(f"{path}: not writable ({where}{e.strerror or e})") from None
+    free = free_bytes(probe) if need_bytes else 0
+    if need_bytes and free < need_bytes:
+        raise OutputError(f"{path}: {_size(free)} free, this run needs about {_size(need_bytes)} (two checkpoints "
+                          "of model and optimizer state, and the export)")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

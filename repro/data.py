@@ -282,11 +282,18 @@ def _decode_all(paths: list[str], policy: str) -> tuple[Tensor, list[int], int]:
     return stacked, kept, skipped
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def _image_size(paths: list[str], policy: str) -> tuple[int, int]:
+    """Size of the first image that opens; an unreadable one is passed over (or, with 'fail', named)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.size
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except Exception as e:  # noqa: BLE001 - a corrupt first file must not be a traceback
+            if policy == "fail":
+                raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    raise DataError(f"{Path(paths[0]).parent.parent}: no readable image")
 
 
 def load_imagefolder(root: Path, cfg: DataConfig) -> DatasetSplits:
@@ -298,7 +305,7 @@ def load_imagefolder(root: Path, cfg: DataConfig) -> DatasetSplits:
         raise DataError(f"{root}: no val/ or test/ folder beside train/")
     tr_paths, tr_labels, classes = _scan_split(train_dir, None)
     te_paths, te_labels, _ = _scan_split(root / test_name, classes)
-    w, h = _image_size(tr_paths[0])
+    w, h = _image_size(tr_paths, cfg.bad_images)
     small = max(w, h) <= SMALL_IMAGE_MAX
     in_memory = cfg.in_memory == "yes" or (cfg.in_memory == "auto" and small)
     name = root.name or "imagefolder"
@@ -428,9 +435,13 @@ class StreamBatchSource:
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
-        for views, labels in loader:
-            yield Batch(tuple(v.to(self.device, non_blocking=True) for v in views),
-                        labels.to(self.device, non_blocking=True))
+        try:
+            for views, labels in loader:
+                yield Batch(tuple(v.to(self.device, non_blocking=True) for v in views),
+                            labels.to(self.device, non_blocking=True))
+        except DataError as e:  # a worker's error comes back with its traceback in the message: keep the last line
+            raise DataError(str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) \
+                from None
 
 
 def make_batch_source(data: DatasetSplits, spec: ViewSpec, size: int, sampler: StepSampler, device: torch.device,

@@ -87,13 +87,16 @@ def all_gather(x: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
-def gather_with_local_grad(x: Tensor) -> Tensor:
-    """Like :func:`all_gather`, but this rank's own rows keep their gradient (the other ranks' rows are constants)."""
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0 **with gradient**: the backward sums, for each rank's rows,
+    the gradients every rank's loss sends them (``torch.distributed.nn.all_gather``), so after DDP's averaging
+    the update equals the one of a single process on the global batch (a row used as another rank's negative
+    gets that gradient too; a local-only gradient would lose it)."""
     if not is_initialized():
         return x
-    gathered = list(all_gather(x).split(x.shape[0]))
-    gathered[rank()] = x
-    return torch.cat(gathered, dim=0)
+    from torch.distributed.nn.functional import all_gather as all_gather_autograd
+
+    return torch.cat(all_gather_autograd(x.contiguous()), dim=0)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:

@@ -112,7 +112,7 @@ class MiCL(PretrainMethod):
         a, b = self.encode_views(batch.views[0], noise)
         c = self.cfg
         if c.gather_negatives and distributed.world_size() > 1:
-            a_all, b_all, offset = distributed.gather_with_local_grad(a), distributed.gather_with_local_grad(b), \
+            a_all, b_all, offset = distributed.gather_with_grad(a), distributed.gather_with_grad(b), \
                 distributed.rank() * a.shape[0]
             loss = symmetric_tsp_info_nce(a, b, kappa=c.kappa, temperature=c.temperature, a_all=a_all, b_all=b_all,
                                           offset=offset)

@@ -23,19 +23,22 @@ from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.budget import BudgetError, parse_budget, split_budget
 from repro.checkpoint import (
+    CHECKPOINT,
     EXPORT_META,
     EXPORT_WEIGHTS,
     CheckpointError,
     ExportMeta,
     atomic_write_text,
+    check_output_dir,
     export_backbone,
     export_extra,
+    run_disk_bytes,
     write_export_meta,
 )
 from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, DatasetSplits, load_data
 from repro.recipes import RECIPES, default_recipe
-from repro.records import ResultRecord, append_records, git_revision, now_iso
+from repro.records import ResultRecord, append_records, git_revision, now_iso, read_records
 from repro.registry import EVALS, METHODS
 from repro.trainer import NonFiniteLoss, Trainer, TrainResult, read_summary
 
@@ -194,6 +197,8 @@ def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progre
     backbone = MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg))
     method = cls(cfg.method_cfg, backbone)
     if dist_info.rank == 0:
+        held = (run_dir / CHECKPOINT).stat().st_size if (run_dir / CHECKPOINT).is_file() else 0  # a resume holds one
+        check_output_dir(run_dir, run_disk_bytes(method, method.eval_backbone()) - held)  # before anything is written
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     trainer = Trainer(cfg, method, data, dist_info, run_dir, progress=progress)
@@ -232,6 +237,14 @@ def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
         config_hash=meta.config_hash, git_revision=meta.git_revision, recipe=x.get("recipe", ""), time=now_iso(),
         note=str(x.get("note", "")),
     )
+
+
+def has_pretrain_record(records_path: Path, cfg: RunConfig) -> bool:
+    """Whether the records hold this run's 'ok' pretrain row: a re-run adds none twice, and a run killed between
+    its export and the append gets its row on the next run (an export alone is no proof of the record)."""
+    h = cfg.config_hash()
+    return any(r.eval == "pretrain" and r.status == "ok" and r.config_hash == h and r.method == cfg.method
+               and r.seed == cfg.seed for r in read_records(records_path)[0])
 
 
 def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: Path, recipe: str) -> Path:
@@ -302,6 +315,9 @@ def _main(args: argparse.Namespace) -> int:
     main_rank = dist_info.rank == 0
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)
+    else:  # read-only or misplaced output directories fail here, before data loading and training
+        check_output_dir(out)
+        check_output_dir(results_dir)
     if dist_info.device.type == "cpu" and dist_info.world_size == 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = load_data(configs[0].data)
@@ -317,9 +333,8 @@ def _main(args: argparse.Namespace) -> int:
     exports: list[Path] = []
     for cfg in configs:
         run_dir = run_dir_for(out, data.name, cfg)
-        fresh = not (run_dir / EXPORT_META).exists()
         meta = pretrain(cfg, data, dist_info, run_dir, progress, records_path)
-        if main_rank and fresh:
+        if main_rank and not has_pretrain_record(records_path, cfg):
             append_records(records_path, [pretrain_record(meta, data)])
         exports.append(run_dir)
     distributed.barrier()

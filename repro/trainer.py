@@ -35,7 +35,14 @@ from tqdm import tqdm
 
 from repro import distributed
 from repro.budget import Budget, BudgetError, Calibration, parse_budget, steps_for_budget
-from repro.checkpoint import CHECKPOINT, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from repro.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+)
 from repro.config import RunConfig
 from repro.data import DatasetSplits, StepSampler, make_batch_source
 from repro.distributed import DistInfo
@@ -260,6 +267,8 @@ class Trainer:
         cfg = self.cfg
         main = self.dist.rank == 0
         state: dict[str, Any] | None = None
+        if main and self.run_dir.is_dir():
+            remove_stale_temps(self.run_dir)  # half-written files of a killed run; never loaded, only disk
         if self.ckpt_path.exists():
             state = load_checkpoint(self.ckpt_path)
             if state.get("config_hash") != cfg.config_hash():
@@ -327,24 +336,25 @@ class Trainer:
         self._sync()
         seg_seconds = time.perf_counter() - t_loop
         elapsed = elapsed_before + seg_seconds
-        self._save(plan.total_steps, elapsed, plan, opt, complete=True)
         ran = plan.total_steps - start
         ips = ran * plan.global_batch / seg_seconds if ran and seg_seconds > 0 else 0.0
         if ran == 0 and state is not None:
             ips = float(state.get("images_per_second", 0.0))
             last_loss = float(state.get("final_loss", float("nan")))
+        # the complete checkpoint keeps what the summary reports: a kill before the export must not lose it
+        self._save(plan.total_steps, elapsed, plan, opt, complete=True, final_loss=last_loss, images_per_second=ips)
         result = TrainResult(plan, plan.total_steps, elapsed, ips, last_loss, self._device_name(),
                              self.dist.world_size, state is not None)
         if main:
             self._save_summary(result)
         return result
 
-    def _save(self, next_step: int, elapsed: float, plan: Plan, opt, *, complete: bool) -> None:
+    def _save(self, next_step: int, elapsed: float, plan: Plan, opt, *, complete: bool, **final: float) -> None:
         if self.dist.rank != 0:
             return
         state = {
             "model": self.method.state_dict(), "optimizer": opt.state_dict(), "step": next_step, "elapsed": elapsed,
-            "plan": asdict(plan), "config_hash": self.cfg.config_hash(), "complete": complete,
+            "plan": asdict(plan), "config_hash": self.cfg.config_hash(), "complete": complete, **final,
         }
         save_checkpoint(self.ckpt_path, state)
 

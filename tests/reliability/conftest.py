@@ -1,0 +1,75 @@
+"""Shared helpers of the reliability tests: tiny CLI settings, in-process and subprocess runs of the CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+# as tests/smoke/test_cli.py's SMALL, smaller: 2 blocks, batch 16 of 64 built-in images (4 steps per epoch)
+SMALL = {"model.depth": 2, "train.batch_size": 16, "data.builtin_train": 64, "data.builtin_test": 32}
+
+
+def sets(**extra: object) -> list[str]:
+    """``--set`` arguments for SMALL plus ``extra`` (keys with '__' for '.', e.g. train__log_every=1)."""
+    items = {**SMALL, **{k.replace("__", "."): v for k, v in extra.items()}}
+    return [a for k, v in items.items() for a in ("--set", f"{k}={v}")]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_module(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], env=subprocess_env(**env), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def call_main(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a CLI ``main(argv)`` in this process (no interpreter start-up): its exit status and its stderr."""
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def error_line(stderr: str, prefix: str = "repro: error:") -> str:
+    """The one ``<prog>: error: ...`` line of a failed run (exactly one, on one line)."""
+    lines = [x for x in stderr.splitlines() if x.startswith(prefix)]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def run_dir(out: Path, method: str = "micl", dataset: str = "builtin-shapes") -> Path:
+    dirs = sorted((Path(out) / dataset / method).iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (to show that a failed command changed nothing)."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_cli(monkeypatch):
+    """In-process CLI runs leave torch's thread count alone (without OMP_NUM_THREADS they set cpu_count threads)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
