@@ -29,6 +29,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         (y * w[rank * 4:(rank + 1) * 4]).sum().backward()
         torch.save({"y": y.detach(), "gx": xs.grad, "gw": bn.weight.grad, "rm": bn.running_mean,
                     "rv": bn.running_var}, os.path.join(out_dir, f"r{rank}.pt"))
+        dist.barrier()  # both ranks done before teardown (gloo threads torn down mid-send abort the process)
     finally:
         dist.destroy_process_group()
 
