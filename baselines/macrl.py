@@ -118,8 +118,7 @@ class MACRL(PretrainMethod):
         if min(self.keep) < 1:
             raise ConfigError(f"method mask ratios keep no patch of {n}")
         self.decoders = nn.ModuleList(
-            MAEDecoder(num_patches=n, grid_size=backbone.grid_size, in_dim=d, patch_dim=backbone.patch_size ** 2 * 3,
-                       dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
+            MAEDecoder.for_backbone(backbone, dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
             for _ in range(2))
         self.projector = nn.Sequential(nn.Linear(d, cfg.proj_hidden), nn.ReLU(inplace=True),
                                        nn.Linear(cfg.proj_hidden, cfg.proj_dim))

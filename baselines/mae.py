@@ -77,11 +77,8 @@ class MAE(PretrainMethod):
         self.len_keep = len_keep_mae(backbone.num_patches, cfg.mask_ratio)
         if self.len_keep < 1:
             raise ConfigError(f"method.mask_ratio={cfg.mask_ratio} keeps no patch of {backbone.num_patches}")
-        self.decoder = MAEDecoder(
-            num_patches=backbone.num_patches, grid_size=backbone.grid_size, in_dim=backbone.embed_dim,
-            patch_dim=backbone.patch_size ** 2 * 3, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_heads,
-        )
+        self.decoder = MAEDecoder.for_backbone(backbone, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
+                                               num_heads=cfg.decoder_heads)
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:

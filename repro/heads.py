@@ -38,6 +38,12 @@ class MAEDecoder(nn.Module):
         init_mae_(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    @classmethod
+    def for_backbone(cls, backbone, *, dim: int, depth: int, num_heads: int) -> MAEDecoder:
+        """A decoder sized for ``backbone`` (a MaskedViT): its patch grid, width and pixels per patch."""
+        return cls(num_patches=backbone.num_patches, grid_size=backbone.grid_size, in_dim=backbone.embed_dim,
+                   patch_dim=backbone.patch_size ** 2 * 3, dim=dim, depth=depth, num_heads=num_heads)
+
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """latent (B, K+1, D) with cls first; ids_restore (B, N) -> predictions (B, N, P)."""
         x = self.embed(latent)

@@ -300,6 +300,22 @@ def import_curves(runs_dir: Path, results_dir: Path, df: pd.DataFrame) -> tuple[
     return written, problems
 
 
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Atomic, byte-reproducible PNG (no software/date metadata), then free the figure."""
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None}))
+    _pyplot().close(fig)
+
 def plot_loss_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     """Pre-training loss against step from ``results/curves``, one panel per method (losses differ by method)."""
     pre = df[df["eval"] == "pretrain"].sort_values(["model", "budget", "seed"], kind="stable")
@@ -310,10 +326,7 @@ def plot_loss_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
             curves.append((r, pd.read_csv(p)))
     if not curves:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     methods = _method_order(sorted({r["method"] for r, _ in curves}))
     several_models = len({r["model"] for r, _ in curves}) > 1
@@ -329,18 +342,13 @@ def plot_loss_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
         ax.set_title(method)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None}))
-    plt.close(fig)
+    _save_png(fig, path)
     return True
 
 
 def plot_accuracy_vs_budget(df: pd.DataFrame, path: Path) -> bool:
     """Accuracy of every eval against pre-training device-hours, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     pre = df[df["eval"] == "pretrain"][["method", "model", "budget", "seed", "device_hours"]]
     acc = df[(df["eval"] != "pretrain") & (df["metric"] == "top1")]
@@ -363,9 +371,7 @@ def plot_accuracy_vs_budget(df: pd.DataFrame, path: Path) -> bool:
         ax.set_title(e)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None}))
-    plt.close(fig)
+    _save_png(fig, path)
     return True
 
 
