@@ -83,9 +83,15 @@ def model_label(name: str, timm_kwargs: dict) -> str:
 def make_record(ctx: EvalContext, meta: ExportMeta, eval_name: str, metric: str, value: float, selection: str,
                 seconds: float) -> ResultRecord:
     """A result row for one number measured on an export; pretraining facts come from ``backbone.json``."""
+    return export_record(meta, ctx.data.name, eval_name, metric, value, selection, seconds)
+
+
+def export_record(meta: ExportMeta, dataset: str, eval_name: str, metric: str, value: float, selection: str,
+                  seconds: float) -> ResultRecord:
+    """A result row for ``dataset``'s table: the export's pretraining facts plus one measured number."""
     x = meta.extra
     return ResultRecord(
-        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=ctx.data.name,
+        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=dataset,
         budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
         device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
         pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),

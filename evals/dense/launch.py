@@ -1,0 +1,251 @@
+"""The launcher shared by ``python -m evals.segmentation`` (ADE20K) and ``python -m evals.detection`` (COCO).
+
+Validates the export and the data, builds the native config + :func:`evals.dense.options.cfg_options`, trains
+with mmengine's ``Runner`` (resuming from the work directory's last checkpoint), tests once on the validation
+split, and appends the numbers as result records to ``RESULTS/records/<pretraining dataset>.jsonl``, where the
+report puts them in the same row as the export's kNN / linear / fine-tune numbers.
+
+Everything mm* is imported inside :func:`run_job`; the rest of the file is importable in the core environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.dense.data import check_ade_root, check_coco_root
+from evals.dense.options import DenseError, DenseJob, ViTGeometry, cfg_options, check_geometry, recipes_for
+from repro.checkpoint import CheckpointError, read_export
+from repro.config import ConfigError, coerce, parse_set_args
+from repro.records import ResultRecord, append_records
+
+CONFIGS = {
+    "ade20k": Path(__file__).resolve().parents[1] / "segmentation" / "configs" / "upernet_vit_ade20k.py",
+    "coco": Path(__file__).resolve().parents[1] / "detection" / "configs" / "mask_rcnn_vit_coco.py",
+}
+MODULE = {"ade20k": "evals.segmentation", "coco": "evals.detection"}
+DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "coco": ("train2017", "val2017")}
+METRICS = {
+    # record metric <- (mm metric key, scale to percent)
+    "ade20k": {"mIoU": ("mIoU", 1.0), "mAcc": ("mAcc", 1.0)},
+    "coco": {"box_AP": ("coco/bbox_mAP", 100.0), "mask_AP": ("coco/segm_mAP", 100.0)},
+}
+DONE_FILE = "repro_dense_result.json"
+INSTALL_HINT = "pip install -e '.[dense]' (mmengine 0.10.7, mmsegmentation 1.2.2, mmdet 3.3.0, mmcv-lite 2.1.0)"
+
+
+def read_geometry(export: Path) -> ViTGeometry:
+    """Depth, width and patch size of an export's ViT, built on the meta device (no weights read)."""
+    import timm.models.vision_transformer as tv
+
+    from repro.backbone import create_timm_model
+
+    meta, _ = read_export(export, weights=False)
+    try:
+        with torch.device("meta"):
+            vit = create_timm_model(meta.timm_model, dict(meta.timm_kwargs))
+    except Exception as e:  # noqa: BLE001
+        raise DenseError(f"{export}: cannot build timm model {meta.timm_model!r} ({e})") from None
+    if not isinstance(vit, tv.VisionTransformer):
+        raise DenseError(f"{export}: {meta.timm_model} is a {type(vit).__name__}, not a timm VisionTransformer; "
+                         "the dense evals take plain ViT exports")
+    p = vit.patch_embed.patch_size
+    g = ViTGeometry(depth=len(vit.blocks), embed_dim=int(vit.embed_dim),
+                    patch_size=int(p[0] if isinstance(p, tuple | list) else p))
+    check_geometry(g, str(export))
+    return g
+
+
+def build_parser(task: str, doc: str | None) -> argparse.ArgumentParser:
+    recipes = recipes_for(task)
+    train, val = DEFAULT_SPLITS[task]
+    fields = ", ".join(f.name for f in dataclasses.fields(next(iter(recipes.values()))) if f.name not in ("name", "task"))
+    p = argparse.ArgumentParser(
+        prog=f"python -m {MODULE[task]}", description=(doc or "").strip().split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Recipe fields settable with --set: {fields}.\n"
+               f"Needs the dense extra: {INSTALL_HINT}.\n"
+               "The native config is " + str(CONFIGS[task].relative_to(Path.cwd()) if CONFIGS[task].is_relative_to(
+                   Path.cwd()) else CONFIGS[task]) + "; everything the launcher changes in it is printed at start.\n"
+               f"Errors print one line `{MODULE[task]}: error: ...` and exit with status 2.")
+    p.add_argument("--export", required=True, type=Path, metavar="DIR",
+                   help="export directory (backbone.safetensors + backbone.json), e.g. a run directory of repro.run")
+    p.add_argument("--data", required=True, type=Path, metavar="ROOT",
+                   help="ADEChallengeData2016 folder" if task == "ade20k" else
+                   "COCO folder with annotations/instances_<split>.json and <split>/ images")
+    p.add_argument("--recipe", default=task, choices=sorted(recipes),
+                   help=f"schedule (default {task}: the paper's; tiny: a few iterations for smoke tests)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. iters=2000 or batch_size=8 (repeatable)")
+    p.add_argument("--train-split", default=train, help=f"training split (default {train})")
+    p.add_argument("--val-split", default=val, help=f"evaluation split (default {val})")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help=f"mmengine work directory (default EXPORT/{task}-RECIPE-HASH, HASH of every setting); an "
+                   "interrupted run resumes from its last checkpoint there")
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="results directory; records go to RESULTS/records/<pretraining dataset>.jsonl")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = CUDA when available")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def make_job(task: str, args: argparse.Namespace) -> DenseJob:
+    recipe = recipes_for(task)[args.recipe]
+    changes: dict[str, Any] = {}
+    types = {f.name: f.type for f in dataclasses.fields(recipe)}
+    hints = __import__("typing").get_type_hints(type(recipe))
+    for k, v in parse_set_args(args.sets).items():
+        if k not in types or k in ("name", "task"):
+            raise ConfigError(f"--set {k}: not a recipe field (choose from {', '.join(sorted(set(types) - {'name', 'task'}))})")
+        changes[k] = coerce(v, hints[k], k)
+    if changes:
+        recipe = dataclasses.replace(recipe, **changes)
+    geometry = read_geometry(args.export)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device available")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if task == "ade20k":
+        check_ade_root(args.data, args.train_split, args.val_split)
+    else:
+        check_coco_root(args.data, args.train_split, args.val_split, coco_classes())
+    job = DenseJob(task=task, export=args.export.resolve(), data_root=args.data.resolve(),
+                   work_dir=Path(args.work_dir or args.export).resolve(), recipe=recipe, geometry=geometry,
+                   train_split=args.train_split, val_split=args.val_split, seed=args.seed, cuda=cuda,
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if args.work_dir is None:
+        job = dataclasses.replace(job, work_dir=job.work_dir / f"{task}-{recipe.name}-{job_hash(job)}")
+    return job
+
+
+def job_hash(job: DenseJob) -> str:
+    """Names the default work directory: a changed recipe, split or seed never resumes another job's run."""
+    opts = {k: v for k, v in cfg_options(job).items() if k != "work_dir"}
+    return hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def coco_classes() -> tuple[str, ...]:
+    """The 80 class names mmdet's CocoDataset trains and scores (imports mmdet, so the mmcv shim first)."""
+    from evals.detection.mmcv_ext import install
+
+    install()
+    from mmdet.datasets import CocoDataset
+
+    return tuple(CocoDataset.METAINFO["classes"])
+
+
+def _trust_own_checkpoints(work_dir: Path) -> None:
+    """mmengine's checkpoints pickle numpy/mmengine objects that ``weights_only=True`` refuses. Allow full
+    unpickling for files inside this job's work directory only (written by this process or its earlier run);
+    every other path mmengine may load keeps ``weights_only=True``. Our export is read with safetensors."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def load_local(filename: str, map_location: Any = None) -> Any:
+        path = Path(filename).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{filename} can not be found.")
+        own = work_dir in path.parents
+        return torch.load(path, map_location=map_location, weights_only=not own)
+
+    CheckpointLoader.register_scheme(prefixes="", loader=load_local, force=True)
+
+
+def run_job(job: DenseJob) -> dict[str, float]:
+    """Train and test with mmengine; returns the mm metrics dict of the test pass."""
+    from evals.detection.mmcv_ext import install
+
+    install()  # mmcv._ext from torchvision's ops, only when compiled mmcv is absent
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    if job.task == "ade20k":
+        from mmseg.utils import register_all_modules
+    else:
+        from mmdet.utils import register_all_modules  # type: ignore[no-redef]
+    register_all_modules(init_default_scope=True)
+    import evals.dense.vit  # noqa: F401  (registers ReproViT & co.)
+
+    cfg = Config.fromfile(str(CONFIGS[job.task]))
+    opts = cfg_options(job)
+    cfg.merge_from_dict(opts)
+    cfg.launcher = "pytorch" if job.world_size > 1 else "none"
+    cfg.env_cfg = dict(cfg.get("env_cfg", {}), dist_cfg=dict(backend="nccl" if job.cuda else "gloo"))
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    _trust_own_checkpoints(job.work_dir)
+    logging.getLogger("repro.dense").info("cfg-options: %s", json.dumps(opts, default=str))
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = runner.test()
+    import numbers
+
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+
+
+def job_records(job: DenseJob, metrics: dict[str, float], seconds: float) -> list[ResultRecord]:
+    from evals.features import export_record
+
+    meta, _ = read_export(job.export, weights=False)
+    r = job.recipe
+    rule = (f"{r.name} recipe: {r.iters} iterations, batch {r.batch_size}, crop {r.crop}, AdamW lr {r.lr:g}, "
+            f"layer decay {r.layer_decay:g}; last iteration evaluated once on {job.val_split} "
+            "(single scale); nothing selected")
+    out = []
+    note = ""
+    if job.task == "coco" and not any(k.startswith("coco/") for k in metrics):
+        # mmdet's CocoMetric returns nothing when no box scored above score_thr on the whole split; COCO AP of
+        # an empty detection list over annotated images is 0.
+        metrics = {**metrics, **{key: 0.0 for key, _ in METRICS["coco"].values()}}
+        note = f"no detection scored above {r.score_thr:g} on {job.val_split}: AP is 0"
+    for metric, (key, scale) in METRICS[job.task].items():
+        if key not in metrics:
+            raise DenseError(f"{job.work_dir}: the {job.task} test pass reported no {key!r} (got {sorted(metrics)})")
+        rec = export_record(meta, meta.dataset or "unknown", job.task, metric, metrics[key] * scale, rule, seconds)
+        out.append(dataclasses.replace(rec, note=note))
+    return out
+
+
+def evaluate(job: DenseJob) -> list[ResultRecord]:
+    t0 = time.perf_counter()
+    metrics = run_job(job)
+    return job_records(job, metrics, time.perf_counter() - t0)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    if "Traceback" in msg:  # re-raised from a DataLoader worker: keep the original message
+        msg = msg.splitlines()[-1].split(": ", 1)[-1]
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def main(task: str, doc: str | None, argv: list[str] | None = None,
+         evaluate_fn: Callable[[DenseJob], list[ResultRecord]] = evaluate) -> int:
+    args = build_parser(task, doc).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"[{MODULE[task]}] %(message)s", stream=sys.stderr)
+    try:
+        job = make_job(task, args)
+        if args.device == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        records = evaluate_fn(job)
+        if int(os.environ.get("RANK", "0")) == 0:
+            append_records(args.results / "records" / f"{records[0].dataset}.jsonl", records)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("mmengine", "mmcv", "mmseg", "mmdet", "pycocotools"):
+            print(f"{MODULE[task]}: error: {e.name} is not installed; {INSTALL_HINT}", file=sys.stderr)
+            return 2
+        raise
+    except (DenseError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"{MODULE[task]}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(f"{r.eval} {r.metric} = {r.value:.2f}  ({r.method}, {r.model}, {r.eval_seconds:.1f}s)")
+    return 0

@@ -1,0 +1,1 @@
+"""Object detection evaluation (Mask R-CNN via mmdet) and its support code."""

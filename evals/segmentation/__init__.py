@@ -1,0 +1,1 @@
+"""ADE20K semantic segmentation: UperNet on a ``repro`` ViT export with mmsegmentation (see ``__main__``)."""
