@@ -147,6 +147,18 @@ class EvalConfig:
     """Override the fine-tune recipe's epochs (warmup is kept, capped at half the run); None = the recipe's."""
     finetune_batch_size: int | None = None
     """Override the fine-tune recipe's batch (lr still scales as base_lr x batch / 256); None = the recipe's."""
+    ade20k_data: str | None = None
+    """ADEChallengeData2016 folder for ``--evals ade20k`` (images/ + annotations/, training + validation)."""
+    ade20k_recipe: str = "ade20k"
+    """Schedule in ``evals.dense.options.SEG_RECIPES``: ade20k (MAE/BEiT, 160k iterations) or tiny (smoke)."""
+    ade20k_train_split: str = "training"
+    ade20k_val_split: str = "validation"
+    coco_data: str | None = None
+    """COCO folder for ``--evals coco`` (annotations/instances_<split>.json + <split>/ images)."""
+    coco_recipe: str = "coco"
+    """Schedule in ``evals.dense.options.DET_RECIPES``: coco (ViTDet Mask R-CNN, 100 epochs) or tiny (smoke)."""
+    coco_train_split: str = "train2017"
+    coco_val_split: str = "val2017"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 0.5:

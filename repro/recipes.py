@@ -30,6 +30,9 @@ def tiny(method: str) -> list[Override]:
         Override("eval.feature_batch_size", 512, "small images"),
         Override("eval.finetune_recipe", "small32", "MAE's fine-tune protocol scaled to 5k 32-px images on a CPU: "
                  "a few epochs of batch 128 instead of 100 epochs of batch 1024 (evals/finetune.py says why)"),
+        Override("eval.ade20k_recipe", "tiny", "2 iterations on 64-px crops: checks the ADE20K harness end to end; "
+                 "160k iterations of a 512-px UperNet are a GPU job"),
+        Override("eval.coco_recipe", "tiny", "2 iterations on 128-px canvases: checks the COCO harness end to end"),
         Override("eval.linear_base_lrs", (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
                  "LARS moves the probe by ~lr x 0.001 x |w| per step, so its total travel scales with dataset size "
                  "x base lr: MAE's 0.1 (tuned for 1.28M images) leaves a probe on 5k images near its init"),

@@ -9,7 +9,7 @@ from baselines.macrl import MACRL
 from baselines.mae import MAE
 from baselines.mimco import MimCo
 from baselines.mocov3 import MoCoV3
-from evals import finetune, knn, linear
+from evals import dense, finetune, knn, linear
 from repro.method import PretrainMethod
 from repro.micl import MiCL
 
@@ -26,4 +26,6 @@ EVALS: dict[str, Callable] = {
     "knn": knn.run,
     "linear": linear.run,
     "finetune": finetune.run,
+    "ade20k": dense.ade20k,
+    "coco": dense.coco,
 }

@@ -52,6 +52,8 @@ EPILOG = """examples:
   python -m repro.run mae --budget 300ep --set method.mask_ratio=0.8 --set train.batch_size=1024
   python -m repro.run mimco --budget 4m                           # trains its MoCo v3 teacher first (2m + 2m)
   python -m repro.run mimco --budget 2m --set method.teacher=runs/builtin-shapes/mocov3/<run>  # reuse one
+  python -m repro.run mae --budget 30s --evals knn,ade20k,coco --set eval.ade20k_data=/data/ADEChallengeData2016 \
+      --set eval.coco_data=/data/coco    # + UperNet mIoU and Mask R-CNN AP (pip install -e '.[dense]')
 
 budgets (per method): 90s 3m 2h 2d = pre-training wall-clock on this hardware (calibrated into a fixed
 step count); 300ep = epochs; 5000steps = optimizer steps; 2e18flop = analytic training FLOPs.
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset: tiny (built-in/CPU, the default without --data), in1k (paper settings, the "
                    "default with --data)")
     p.add_argument("--evals", default="knn,linear", help=f"comma list of {', '.join(EVALS)}, or 'none' "
-                   "(default: knn,linear)")
+                   "(default: knn,linear). ade20k and coco (UperNet / Mask R-CNN via mmseg / mmdet) need the dense extra "
+                   "and their data: --set eval.ade20k_data=ADEChallengeData2016 --set eval.coco_data=COCO_ROOT")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. method.mask_ratio=0.8, train.batch_size=256 (repeatable); "
                    "<method>.<field>=V sets a method field for that method only, e.g. macrl.bank_size=256")
@@ -304,10 +307,15 @@ def _main(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--evals: unknown evaluation {bad[0]!r}; choose from {', '.join(EVALS)} or none")
     sets = parse_set_args(args.sets)
+    dense_tasks = [e for e in evals if e in ("ade20k", "coco")]
     idle = [k for k in sets if k.split(".", 1)[0] in METHODS and k.split(".", 1)[0] not in args.methods]
     if idle:
         raise ConfigError(f"--set {idle[0]}: {idle[0].split('.', 1)[0]} is not among the methods being run")
     configs = [resolve_config(m, args, {**sets, "seed": str(s)}) for s in args.seeds for m in args.methods]
+    if dense_tasks:  # missing data paths or mm* packages fail now, not after hours of pre-training
+        from evals.dense import check_ready
+
+        check_ready(configs[0].eval, dense_tasks)
 
     results_dir = Path(args.results)
     out = Path(args.out)

@@ -26,7 +26,7 @@ import torch
 
 from evals.dense.data import check_ade_root, check_coco_root
 from evals.dense.options import DenseError, DenseJob, ViTGeometry, cfg_options, check_geometry, recipes_for
-from repro.checkpoint import CheckpointError, read_export
+from repro.checkpoint import CheckpointError, atomic_write_text, read_export
 from repro.config import ConfigError, coerce, parse_set_args
 from repro.records import ResultRecord, append_records
 
@@ -97,6 +97,9 @@ def build_parser(task: str, doc: str | None) -> argparse.ArgumentParser:
                    help="results directory; records go to RESULTS/records/<pretraining dataset>.jsonl")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = CUDA when available")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--records-out", type=Path, default=None, metavar="FILE",
+                   help="write the records as a JSON list to FILE instead of appending them under --results "
+                   "(used by repro.run --evals, which appends them itself)")
     return p
 
 
@@ -107,7 +110,8 @@ def make_job(task: str, args: argparse.Namespace) -> DenseJob:
     hints = __import__("typing").get_type_hints(type(recipe))
     for k, v in parse_set_args(args.sets).items():
         if k not in types or k in ("name", "task"):
-            raise ConfigError(f"--set {k}: not a recipe field (choose from {', '.join(sorted(set(types) - {'name', 'task'}))})")
+            settable = ", ".join(sorted(set(types) - {"name", "task"}))
+            raise ConfigError(f"--set {k}: not a recipe field (choose from {settable})")
         changes[k] = coerce(v, hints[k], k)
     if changes:
         recipe = dataclasses.replace(recipe, **changes)
@@ -237,7 +241,10 @@ def main(task: str, doc: str | None, argv: list[str] | None = None,
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         records = evaluate_fn(job)
         if int(os.environ.get("RANK", "0")) == 0:
-            append_records(args.results / "records" / f"{records[0].dataset}.jsonl", records)
+            if args.records_out is not None:
+                atomic_write_text(args.records_out, json.dumps([dataclasses.asdict(r) for r in records]) + "\n")
+            else:
+                append_records(args.results / "records" / f"{records[0].dataset}.jsonl", records)
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in ("mmengine", "mmcv", "mmseg", "mmdet", "pycocotools"):
             print(f"{MODULE[task]}: error: {e.name} is not installed; {INSTALL_HINT}", file=sys.stderr)
