@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset: tiny (built-in/CPU, the default without --data), in1k (paper settings, the "
                    "default with --data)")
     p.add_argument("--evals", default="knn,linear", help=f"comma list of {', '.join(EVALS)}, or 'none' "
-                   "(default: knn,linear). ade20k and coco (UperNet / Mask R-CNN via mmseg / mmdet) need the dense extra "
-                   "and their data: --set eval.ade20k_data=ADEChallengeData2016 --set eval.coco_data=COCO_ROOT")
+                   "(default: knn,linear). ade20k and coco (UperNet / Mask R-CNN via mmseg / mmdet) need the dense "
+                   "extra and their data: --set eval.ade20k_data=ADEChallengeData2016 --set eval.coco_data=COCO_ROOT")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. method.mask_ratio=0.8, train.batch_size=256 (repeatable); "
                    "<method>.<field>=V sets a method field for that method only, e.g. macrl.bank_size=256")

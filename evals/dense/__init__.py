@@ -31,8 +31,12 @@ def _settings(cfg: EvalConfig, task: str) -> tuple[str | None, str, str, str]:
 
 def check_ready(cfg: EvalConfig, tasks: list[str]) -> None:
     """Fail fast (before pre-training) when a requested dense eval lacks its data path or its packages."""
+    from evals.dense.options import recipes_for
+
     for task in tasks:
-        data = _settings(cfg, task)[0]
+        data, recipe = _settings(cfg, task)[:2]
+        if recipe not in recipes_for(task):
+            raise ConfigError(f"eval.{task}_recipe={recipe}: unknown (choose from {', '.join(recipes_for(task))})")
         if not data:
             raise ConfigError(f"--evals {task} needs its data: --set eval.{task}_data=PATH "
                               f"({'ADEChallengeData2016 folder' if task == 'ade20k' else 'COCO folder'})")

@@ -15,13 +15,12 @@ from PIL import Image
 
 from evals.dense.options import ADE_IGNORE, ADE_NUM_CLASSES, DenseError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SCAN_LIMIT = 500
 """Label maps per split checked up front (all of them for small datasets)."""
 
 
 def ade_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, label map) pairs of one ADEChallengeData2016 split: ``images/<split>/X.jpg`` + ``annotations/<split>/X.png``."""
+    """(image, label map) pairs of one split: ``images/<split>/X.jpg`` + ``annotations/<split>/X.png``."""
     img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     for d in (img_dir, ann_dir):
         if not d.is_dir():
@@ -116,7 +115,8 @@ def check_coco_root(root: Path, train_split: str, val_split: str,
             if "bbox" not in a or "segmentation" not in a:
                 raise DenseError(f"{ann}: annotation {a.get('id')} lacks 'bbox' or 'segmentation' "
                                  "(Mask R-CNN needs both)")
-        absent = [im["file_name"] for im in d["images"] if not (img_dir / im.get("file_name", "")).is_file()]
+        absent = [str(im.get("file_name", f"(image {im.get('id')} has no file_name)")) for im in d["images"]
+                  if not (img_dir / str(im.get("file_name", ""))).is_file()]
         if absent:
             raise DenseError(f"{img_dir / absent[0]}: image listed in {ann.name} is missing "
                              f"({len(absent)} of {len(d['images'])} missing)")

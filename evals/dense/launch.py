@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from evals.dense.data import check_ade_root, check_coco_root
-from evals.dense.options import DenseError, DenseJob, ViTGeometry, cfg_options, check_geometry, recipes_for
+from evals.dense.options import (
+    DenseError,
+    DenseJob,
+    cfg_options,
+    read_geometry,
+    recipes_for,
+)
 from repro.checkpoint import CheckpointError, atomic_write_text, read_export
 from repro.config import ConfigError, coerce, parse_set_args
 from repro.records import ResultRecord, append_records
@@ -45,32 +51,11 @@ DONE_FILE = "repro_dense_result.json"
 INSTALL_HINT = "pip install -e '.[dense]' (mmengine 0.10.7, mmsegmentation 1.2.2, mmdet 3.3.0, mmcv-lite 2.1.0)"
 
 
-def read_geometry(export: Path) -> ViTGeometry:
-    """Depth, width and patch size of an export's ViT, built on the meta device (no weights read)."""
-    import timm.models.vision_transformer as tv
-
-    from repro.backbone import create_timm_model
-
-    meta, _ = read_export(export, weights=False)
-    try:
-        with torch.device("meta"):
-            vit = create_timm_model(meta.timm_model, dict(meta.timm_kwargs))
-    except Exception as e:  # noqa: BLE001
-        raise DenseError(f"{export}: cannot build timm model {meta.timm_model!r} ({e})") from None
-    if not isinstance(vit, tv.VisionTransformer):
-        raise DenseError(f"{export}: {meta.timm_model} is a {type(vit).__name__}, not a timm VisionTransformer; "
-                         "the dense evals take plain ViT exports")
-    p = vit.patch_embed.patch_size
-    g = ViTGeometry(depth=len(vit.blocks), embed_dim=int(vit.embed_dim),
-                    patch_size=int(p[0] if isinstance(p, tuple | list) else p))
-    check_geometry(g, str(export))
-    return g
-
-
 def build_parser(task: str, doc: str | None) -> argparse.ArgumentParser:
     recipes = recipes_for(task)
     train, val = DEFAULT_SPLITS[task]
-    fields = ", ".join(f.name for f in dataclasses.fields(next(iter(recipes.values()))) if f.name not in ("name", "task"))
+    fields = ", ".join(f.name for f in dataclasses.fields(next(iter(recipes.values())))
+                       if f.name not in ("name", "task"))
     p = argparse.ArgumentParser(
         prog=f"python -m {MODULE[task]}", description=(doc or "").strip().split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -240,6 +225,8 @@ def main(task: str, doc: str | None, argv: list[str] | None = None,
         if args.device == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         records = evaluate_fn(job)
+        if not records:
+            raise DenseError(f"{job.work_dir}: the {task} run produced no numbers")
         if int(os.environ.get("RANK", "0")) == 0:
             if args.records_out is not None:
                 atomic_write_text(args.records_out, json.dumps([dataclasses.asdict(r) for r in records]) + "\n")

@@ -13,6 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from repro.checkpoint import read_export
+
 TASKS = ("ade20k", "coco")
 """Eval names as they appear in result records (``eval`` field) and in ``repro.run --evals``."""
 
@@ -114,6 +118,13 @@ class ViTGeometry:
         return tuple(self.patch_size / s for s in (4, 8, 16, 32))
 
 
+def vit_geometry(vit: Any) -> ViTGeometry:
+    """Depth, width and patch size of a timm ``VisionTransformer`` (real or on the meta device)."""
+    p = vit.patch_embed.patch_size
+    return ViTGeometry(depth=len(vit.blocks), embed_dim=int(vit.embed_dim),
+                       patch_size=int(p[0] if isinstance(p, tuple | list) else p))
+
+
 def check_geometry(g: ViTGeometry, where: str) -> None:
     p = g.patch_size
     if p < 2 or p & (p - 1):
@@ -121,6 +132,26 @@ def check_geometry(g: ViTGeometry, where: str) -> None:
                          "the patch grid to strides 4/8/16/32 by factors of two")
     if g.depth < 3:
         raise DenseError(f"{where}: depth {g.depth} < 3 blocks; the pyramid taps blocks L/3, L/2, 2L/3 and L")
+
+
+def read_geometry(export: Path) -> ViTGeometry:
+    """Depth, width and patch size of an export's ViT, built on the meta device (no weights read)."""
+    import timm.models.vision_transformer as tv
+
+    from repro.backbone import create_timm_model
+
+    meta, _ = read_export(export, weights=False)
+    try:
+        with torch.device("meta"):
+            vit = create_timm_model(meta.timm_model, dict(meta.timm_kwargs))
+    except Exception as e:  # noqa: BLE001
+        raise DenseError(f"{export}: cannot build timm model {meta.timm_model!r} ({e})") from None
+    if not isinstance(vit, tv.VisionTransformer):
+        raise DenseError(f"{export}: {meta.timm_model} is a {type(vit).__name__}, not a timm VisionTransformer; "
+                         "the dense evals take plain ViT exports")
+    g = vit_geometry(vit)
+    check_geometry(g, str(export))
+    return g
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,14 +175,16 @@ class DenseJob:
 
 
 def _schedule(r: DenseRecipe) -> list[dict[str, Any]]:
-    # mmengine's LinearLR reaches its end factor only after end - begin >= 2 steps; shorter warm-ups are skipped.
-    warm = min(r.warmup_iters, r.iters) if r.warmup_iters >= 2 else 0
+    # mmengine's LinearLR reaches its end factor only after end - begin >= 2 steps; shorter warm-ups are skipped,
+    # and a run no longer than its warm-up is all warm-up.
+    warm = min(r.warmup_iters, r.iters) if r.warmup_iters >= 2 and r.iters >= 2 else 0
     sched: list[dict[str, Any]] = []
     if warm:
         sched.append(dict(type="LinearLR", start_factor=1e-6 if r.task == "ade20k" else 1e-3, by_epoch=False,
                           begin=0, end=warm))
     if r.task == "ade20k":
-        sched.append(dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warm, end=r.iters))
+        if warm < r.iters:
+            sched.append(dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warm, end=r.iters))
     else:
         sched.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=r.iters, gamma=0.1,
                           milestones=[int(round(f * r.iters)) for f in r.lr_steps]))
@@ -161,7 +194,7 @@ def _schedule(r: DenseRecipe) -> list[dict[str, Any]]:
 def seg_pipelines(r: DenseRecipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """MAE/BEiT ADE20K pipelines (train, test) at the recipe's sizes; labels 1..150 -> 0..149, 0 -> ignored."""
     crop = (r.crop, r.crop)
-    train = [
+    train: list[dict[str, Any]] = [
         dict(type="LoadImageFromFile"),
         dict(type="LoadAnnotations", reduce_zero_label=True),
         dict(type="ReproCheckSegMap", num_classes=ADE_NUM_CLASSES, ignore_index=ADE_IGNORE),
@@ -171,7 +204,7 @@ def seg_pipelines(r: DenseRecipe) -> tuple[list[dict[str, Any]], list[dict[str, 
         dict(type="PhotoMetricDistortion"),
         dict(type="PackSegInputs"),
     ]
-    test = [
+    test: list[dict[str, Any]] = [
         dict(type="LoadImageFromFile"),
         dict(type="Resize", scale=r.test_scale, keep_ratio=True),
         dict(type="LoadAnnotations", reduce_zero_label=True),
@@ -188,7 +221,7 @@ def det_pipelines(r: DenseRecipe) -> tuple[list[dict[str, Any]], list[dict[str, 
     normalisation, as ViTDet), not by a ``Pad`` transform: that one would move ``img_shape`` to the padded size,
     so boxes predicted in the padding escape clipping and mmdet's CPU mask paste fails on them."""
     size = (r.crop, r.crop)
-    train = [
+    train: list[dict[str, Any]] = [
         dict(type="LoadImageFromFile"),
         dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
         dict(type="RandomResize", scale=size, ratio_range=r.scale_range, keep_ratio=True),
@@ -198,7 +231,7 @@ def det_pipelines(r: DenseRecipe) -> tuple[list[dict[str, Any]], list[dict[str, 
         dict(type="RandomFlip", prob=0.5),
         dict(type="PackDetInputs"),
     ]
-    test = [
+    test: list[dict[str, Any]] = [
         dict(type="LoadImageFromFile"),
         dict(type="Resize", scale=size, keep_ratio=True),
         dict(type="LoadAnnotations", with_bbox=True, with_mask=True),

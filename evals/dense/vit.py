@@ -33,33 +33,20 @@ from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS, TRANSFORMS
 from torch import Tensor, nn
 
-from evals.dense.options import DenseError, ViTGeometry, check_geometry
+from evals.dense.options import DenseError, check_geometry, read_geometry, vit_geometry
 from repro.checkpoint import EXPORT_WEIGHTS, load_strict, read_export
 
 
 def build_export_vit(export: str | Path, drop_path_rate: float = 0.0) -> tuple[nn.Module, dict[str, Tensor]]:
     """The export's timm ViT with its weights loaded strictly, accepting any input size; also the raw tensors."""
-    import timm.models.vision_transformer as tv
-
     from repro.backbone import create_timm_model
 
+    read_geometry(Path(export))  # a plain timm ViT whose pyramid can reach strides 4..32, or a DenseError
     meta, state = read_export(Path(export))
-    kwargs = dict(meta.timm_kwargs, dynamic_img_size=True, drop_path_rate=drop_path_rate)
-    try:
-        vit = create_timm_model(meta.timm_model, kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise DenseError(f"{export}: cannot build timm model {meta.timm_model!r} ({e})") from None
-    if not isinstance(vit, tv.VisionTransformer):
-        raise DenseError(f"{export}: {meta.timm_model} is a {type(vit).__name__}, not a timm VisionTransformer; "
-                         "the dense evals take plain ViT exports")
+    vit = create_timm_model(meta.timm_model, dict(meta.timm_kwargs, dynamic_img_size=True,
+                                                  drop_path_rate=drop_path_rate))
     load_strict(vit, state, str(Path(export) / EXPORT_WEIGHTS))
     return vit, state
-
-
-def vit_geometry(vit: nn.Module) -> ViTGeometry:
-    patch = vit.patch_embed.patch_size  # type: ignore[union-attr]
-    return ViTGeometry(depth=len(vit.blocks), embed_dim=int(vit.embed_dim),  # type: ignore[arg-type]
-                       patch_size=int(patch[0] if isinstance(patch, tuple | list) else patch))
 
 
 @MODELS.register_module()
@@ -134,7 +121,8 @@ class ReproViT(nn.Module):
         for m in self.pyramid.modules():
             if isinstance(m, nn.ConvTranspose2d):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         taps = sorted(set(self.out_indices))  # shallow models may tap one block twice (depth 4: 0, 1, 1, 3)
@@ -209,7 +197,7 @@ class ReproLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
 
     def __call__(self, model: nn.Module) -> Any:
         if is_model_wrapper(model):
-            model = model.module
+            model = model.module  # type: ignore[assignment]
         backbone = getattr(model, "backbone", None)
         if not isinstance(backbone, ReproViT):
             raise DenseError("ReproLayerDecayOptimizerConstructor needs model.backbone to be a ReproViT")
