@@ -30,7 +30,7 @@ from repro.records import ReadProblem, ResultRecord, read_all
 
 KEY = ["dataset", "method", "model", "budget", "eval", "metric", "seed"]
 EVAL_ORDER = ["knn", "linear", "finetune", "ade20k", "coco"]
-METRIC_ORDER = ["top1", "top5", "mIoU", "box_AP", "mask_AP"]
+METRIC_ORDER = ["top1", "top5", "mIoU", "mAcc", "box_AP", "mask_AP"]
 
 # reference.csv: the facts as the shared reference file gives them, then the keys that match them to records
 REFERENCE_FACTS = ["method", "arch", "pretrain_epochs", "metric", "value", "source", "verification"]

@@ -143,8 +143,9 @@ def _trust_own_checkpoints(work_dir: Path) -> None:
         path = Path(filename).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"{filename} can not be found.")
-        own = work_dir in path.parents
-        return torch.load(path, map_location=map_location, weights_only=not own)
+        if work_dir in path.parents:  # mmengine's own checkpoint of this job
+            return torch.load(path, map_location=map_location, weights_only=False)  # safe-load: own work dir
+        return torch.load(path, map_location=map_location, weights_only=True)
 
     CheckpointLoader.register_scheme(prefixes="", loader=load_local, force=True)
 

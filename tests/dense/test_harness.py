@@ -190,6 +190,32 @@ def test_backbone_hook_refuses_changed_weights(export8):
     dv.ReproCheckBackboneHook().before_train(SimpleNamespace(iter=5, model=model))  # resumed: its own weights
 
 
+def test_full_unpickling_is_scoped_to_the_work_dir(tmp_path):
+    """Only checkpoints inside the job's work dir load with weights_only=False; anything else stays safe."""
+    import pickle
+
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from evals.dense.launch import _trust_own_checkpoints
+
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())  # any callable: weights_only=True refuses to run it
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for where in (work / "iter_1.pth", tmp_path / "foreign.pth"):
+        torch.save({"meta": Payload(), "state_dict": {}}, where)
+    before = CheckpointLoader._schemes[""]
+    try:
+        _trust_own_checkpoints(work.resolve())
+        assert CheckpointLoader.load_checkpoint(str(work / "iter_1.pth"))["meta"] == os.getcwd()
+        with pytest.raises(pickle.UnpicklingError):
+            CheckpointLoader.load_checkpoint(str(tmp_path / "foreign.pth"))
+    finally:
+        CheckpointLoader._schemes[""] = before
+
+
 def test_seg_map_check_names_the_file():
     import numpy as np
 

@@ -38,10 +38,22 @@ def _unsafe_loads(tree: ast.AST) -> list[int]:
     return bad
 
 
+# Reviewed exceptions: mmengine's own resume checkpoints (pickled numpy/mmengine objects), loaded with full
+# unpickling only when the file lies inside the dense job's work directory (tests/dense checks the scoping).
+ALLOWED = {"evals/dense/launch.py": "# safe-load: own work dir"}
+
+
 def test_every_torch_load_is_weights_only():
     files = [p for d in SCANNED for p in sorted((ROOT / d).rglob("*.py"))]
     assert len(files) > 20
-    offenders = [f"{p.relative_to(ROOT)}:{line}" for p in files for line in _unsafe_loads(ast.parse(p.read_text()))]
+    offenders = []
+    for p in files:
+        rel, text = str(p.relative_to(ROOT)), p.read_text()
+        lines = text.splitlines()
+        for line in _unsafe_loads(ast.parse(text)):
+            if rel in ALLOWED and ALLOWED[rel] in lines[line - 1]:
+                continue
+            offenders.append(f"{rel}:{line}")
     assert not offenders, f"torch.load without weights_only=True (or a bare pickle load): {offenders}"
     n_loads = sum(p.read_text().count("torch.load(") for p in files)
     assert n_loads >= 1  # the scan sees the real call in repro/checkpoint.py
