@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,6 @@ METRICS = {
     "ade20k": {"mIoU": ("mIoU", 1.0), "mAcc": ("mAcc", 1.0)},
     "coco": {"box_AP": ("coco/bbox_mAP", 100.0), "mask_AP": ("coco/segm_mAP", 100.0)},
 }
-DONE_FILE = "repro_dense_result.json"
 INSTALL_HINT = "pip install -e '.[dense]' (mmengine 0.10.7, mmsegmentation 1.2.2, mmdet 3.3.0, mmcv-lite 2.1.0)"
 
 
@@ -91,11 +91,10 @@ def build_parser(task: str, doc: str | None) -> argparse.ArgumentParser:
 def make_job(task: str, args: argparse.Namespace) -> DenseJob:
     recipe = recipes_for(task)[args.recipe]
     changes: dict[str, Any] = {}
-    types = {f.name: f.type for f in dataclasses.fields(recipe)}
-    hints = __import__("typing").get_type_hints(type(recipe))
+    hints = typing.get_type_hints(type(recipe))
     for k, v in parse_set_args(args.sets).items():
-        if k not in types or k in ("name", "task"):
-            settable = ", ".join(sorted(set(types) - {"name", "task"}))
+        if k not in hints or k in ("name", "task"):
+            settable = ", ".join(sorted(set(hints) - {"name", "task"}))
             raise ConfigError(f"--set {k}: not a recipe field (choose from {settable})")
         changes[k] = coerce(v, hints[k], k)
     if changes:

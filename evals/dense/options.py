@@ -22,8 +22,6 @@ TASKS = ("ade20k", "coco")
 
 ADE_NUM_CLASSES = 150
 ADE_IGNORE = 255
-PIXEL_MEAN_255 = (123.675, 116.28, 103.53)
-PIXEL_STD_255 = (58.395, 57.12, 57.375)
 
 
 class DenseError(ValueError):
