@@ -30,7 +30,7 @@ from torch import Tensor
 
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.config import ConfigError
-from repro.flops import FORWARD, TRAIN, encoder_flops, linear_flops, patch_embed_flops
+from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp, per_token
 from repro.losses import patch_info_nce
 from repro.masking import block_mask, random_block_mask
@@ -140,8 +140,10 @@ class ConMIM(PretrainMethod):
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg
         n, d = bb.num_patches, bb.embed_dim
-        enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(n + 1, d, bb.depth)
+        blocks = encoder_flops(n + 1, d, bb.depth)
         proj = (n + 1) * (linear_flops(1, d, c.mlp_dim) + linear_flops(1, c.mlp_dim, c.mlp_dim)
                           + linear_flops(1, c.mlp_dim, c.dim))
         loss = 2.0 * n * n * c.dim
-        return TRAIN * (enc + proj + loss) + FORWARD * (enc + proj)
+        teacher = patch_embed_flops(n, bb.patch_size, d) + blocks + proj
+        # the (B, N, N) patch logits: forward + the student side's gradient (the teacher side has none)
+        return embed_train_flops(bb) + TRAIN * (blocks + proj) + 2.0 * loss + FORWARD * teacher

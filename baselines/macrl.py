@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT, patchify
 from repro.config import ConfigError
-from repro.flops import FORWARD, TRAIN, encoder_flops, linear_flops, patch_embed_flops
+from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import MAEDecoder
 from repro.losses import bank_info_nce, masked_l1, normalized_pixel_target
 from repro.masking import draw_noise, len_keep_mae, random_masking
@@ -178,10 +178,12 @@ class MACRL(PretrainMethod):
         n, d, e = bb.num_patches, bb.embed_dim, c.decoder_dim
         total = 0.0
         for k in self.keep:
-            enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(k + 1, d, bb.depth)
+            blocks = encoder_flops(k + 1, d, bb.depth)
             proj = linear_flops(1, d, c.proj_hidden) + linear_flops(1, c.proj_hidden, c.proj_dim)
             dec = (linear_flops(k + 1, d, e) + encoder_flops(n + 1, e, c.decoder_depth)
                    + linear_flops(n, e, bb.patch_size ** 2 * 3))
             bank = 2.0 * c.bank_size * c.proj_dim
-            total += TRAIN * (enc + proj + dec + bank) + FORWARD * (enc + proj)
+            momentum = patch_embed_flops(n, bb.patch_size, d) + blocks + proj
+            # bank logits: forward + the query side's gradient (the bank has none)
+            total += embed_train_flops(bb) + TRAIN * (blocks + proj + dec) + 2.0 * bank + FORWARD * momentum
         return total

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from repro.backbone import BackboneOptions, patchify
 from repro.config import ConfigError
-from repro.flops import TRAIN, encoder_flops, linear_flops, patch_embed_flops
+from repro.flops import TRAIN, embed_train_flops, encoder_flops, linear_flops
 from repro.heads import MAEDecoder
 from repro.losses import masked_mse, normalized_pixel_target
 from repro.masking import draw_noise, len_keep_mae, random_masking
@@ -107,7 +107,7 @@ class MAE(PretrainMethod):
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg
         n, d, e = bb.num_patches, bb.embed_dim, c.decoder_dim
-        enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(self.len_keep + 1, d, bb.depth)
+        enc = encoder_flops(self.len_keep + 1, d, bb.depth)
         dec = (linear_flops(self.len_keep + 1, d, e) + encoder_flops(n + 1, e, c.decoder_depth)
                + linear_flops(n, e, bb.patch_size ** 2 * 3))
-        return TRAIN * (enc + dec)
+        return embed_train_flops(bb) + TRAIN * (enc + dec)

@@ -41,7 +41,7 @@ from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.checkpoint import CheckpointError, load_export, load_strict, read_extra
 from repro.config import ConfigError
-from repro.flops import FORWARD, TRAIN, encoder_flops, linear_flops, patch_embed_flops
+from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp, per_token
 from repro.losses import info_nce, patch_info_nce
 from repro.masking import len_keep_mae, random_masking
@@ -168,9 +168,13 @@ class MimCo(PretrainMethod):
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg
         n, d, dt = bb.num_patches, bb.embed_dim, self.teacher.dim
-        enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(n + 1, d, bb.depth)
+        blocks = encoder_flops(n + 1, d, bb.depth)
         heads = n * (linear_flops(1, d, d) + linear_flops(1, d, dt)) + linear_flops(1, d, c.mlp_dim) \
             + linear_flops(1, c.mlp_dim, self.teacher.out_dim)
         depth_t = len(self.teacher.vit.blocks)  # type: ignore[arg-type]
-        teacher = patch_embed_flops(n, bb.patch_size, dt) + encoder_flops(n + 1, dt, depth_t)
-        return TRAIN * (enc + heads) + FORWARD * teacher
+        teacher = patch_embed_flops(n, bb.patch_size, dt) + encoder_flops(n + 1, dt, depth_t) + sum(
+            linear_flops(1, m.in_features, m.out_features) for m in self.teacher.projector.modules()
+            if isinstance(m, nn.Linear))
+        # the (B, N, N) patch logits against the teacher's tokens: forward + the student side's gradient
+        logits = 2.0 * n * n * dt
+        return embed_train_flops(bb) + TRAIN * (blocks + heads) + 2.0 * logits + FORWARD * teacher

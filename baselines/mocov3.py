@@ -29,7 +29,7 @@ from torch import Tensor
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.config import ConfigError
-from repro.flops import TRAIN, encoder_flops, linear_flops, patch_embed_flops
+from repro.flops import TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp
 from repro.losses import moco_contrastive
 from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
@@ -128,8 +128,9 @@ class MoCoV3(PretrainMethod):
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg
         n, d = bb.num_patches, bb.embed_dim
-        enc = patch_embed_flops(n, bb.patch_size, d) + encoder_flops(n + 1, d, bb.depth)
+        blocks = encoder_flops(n + 1, d, bb.depth)
         proj = linear_flops(1, d, c.mlp_dim) + linear_flops(1, c.mlp_dim, c.mlp_dim) + linear_flops(1, c.mlp_dim, c.dim)
         pred = linear_flops(1, c.dim, c.mlp_dim) + linear_flops(1, c.mlp_dim, c.dim)
-        # two views: online forward + backward (TRAIN x), momentum forward only (1 x)
-        return 2 * (TRAIN * (enc + proj + pred) + (enc + proj))
+        # two views: online forward + backward (TRAIN x; the patch embedding is frozen: 1 x), momentum forward only
+        return 2 * (embed_train_flops(bb) + TRAIN * (blocks + proj + pred)
+                    + patch_embed_flops(n, bb.patch_size, d) + blocks + proj)

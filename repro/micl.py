@@ -29,7 +29,7 @@ from torch import Tensor
 from repro import distributed
 from repro.backbone import BackboneOptions
 from repro.config import ConfigError
-from repro.flops import TRAIN, encoder_flops, patch_embed_flops
+from repro.flops import TRAIN, embed_train_flops, encoder_flops
 from repro.losses import symmetric_tsp_info_nce
 from repro.masking import draw_noise, len_keep_even, random_masking
 from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
@@ -131,4 +131,4 @@ class MiCL(PretrainMethod):
     def flops_per_image(self) -> float:
         bb = self.backbone
         per_view = encoder_flops(self.len_keep // 2 + 1, bb.embed_dim, bb.depth)
-        return TRAIN * (patch_embed_flops(bb.num_patches, bb.patch_size, bb.embed_dim) + 2 * per_view)
+        return embed_train_flops(bb) + TRAIN * 2 * per_view
