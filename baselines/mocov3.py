@@ -94,17 +94,21 @@ class MoCoV3(PretrainMethod):
     def views(self) -> ViewSpec:
         return ViewSpec(count=2, scale=self.cfg.crop_scale, photometric=(BYOL_VIEW1, BYOL_VIEW2))
 
-    def queries(self, x: Tensor) -> Tensor:
-        return self.predictor(self.projector(self.backbone.forward_features(x)[:, 0]))
+    def queries(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        # both views in one encoder call (the ViT has no batch statistics); the BN heads see each view alone,
+        # as in the official code
+        f1, f2 = self.backbone.forward_features(torch.cat([x1, x2]))[:, 0].chunk(2)
+        return self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
 
     @torch.no_grad()
-    def keys(self, x: Tensor) -> Tensor:
-        return self.momentum_projector(self.momentum_backbone.forward_features(x)[:, 0])
+    def keys(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        f1, f2 = self.momentum_backbone.forward_features(torch.cat([x1, x2]))[:, 0].chunk(2)
+        return self.momentum_projector(f1), self.momentum_projector(f2)
 
     def forward(self, batch: Batch, step: StepInfo) -> StepOutput:
         x1, x2 = batch.views
-        q1, q2 = self.queries(x1), self.queries(x2)
-        k1, k2 = distributed.all_gather(self.keys(x1)), distributed.all_gather(self.keys(x2))
+        q1, q2 = self.queries(x1, x2)
+        k1, k2 = (distributed.all_gather(k) for k in self.keys(x1, x2))
         offset = q1.shape[0] * distributed.rank()  # labels arange(B) + B * rank
         t = self.cfg.temperature
         l12, l21 = moco_contrastive(q1, k2, t, offset), moco_contrastive(q2, k1, t, offset)

@@ -358,13 +358,21 @@ class StepSampler:
         self.steps_per_epoch = num_images // global_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
-    def indices(self, step: int) -> Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
+    def permutation(self, epoch: int) -> Tensor:
+        """The order of epoch ``epoch`` (a CPU tensor; drawn from a CPU generator on every device)."""
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
-        start = i * self.global_batch + self.rank * self.local_batch
-        return self._perm[start:start + self.local_batch]
+        return self._perm
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, first position in that epoch's permutation) of this rank's slice of step ``step``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return epoch, i * self.global_batch + self.rank * self.local_batch
+
+    def indices(self, step: int) -> Tensor:
+        epoch, start = self.locate(step)
+        return self.permutation(epoch)[start:start + self.local_batch]
 
 
 class TensorBatchSource:
@@ -377,9 +385,14 @@ class TensorBatchSource:
         self.augment = TensorAugment(spec, size, mean, std)
         self.sampler = sampler
         self.device = device
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def batch(self, step: int) -> Batch:
-        idx = self.sampler.indices(step).to(self.device)
+        # the epoch's order is copied to the device once: a per-step copy of the indices would sync the host
+        epoch, start = self.sampler.locate(step)
+        if epoch != self._epoch:
+            self._perm, self._epoch = self.sampler.permutation(epoch).to(self.device), epoch
+        idx = self._perm[start:start + self.sampler.local_batch]
         return Batch(self.augment(self.images[idx]), self.labels[idx])
 
     def batches(self, start: int, stop: int) -> Iterator[Batch]:

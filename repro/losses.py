@@ -89,9 +89,12 @@ def patch_info_nce(student: Tensor, teacher: Tensor, mask: Tensor, temperature: 
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.float(), dim=-1)
     logits = torch.einsum("bic,bjc->bij", s, t) / temperature  # (B, N, N)
-    n = logits.shape[1]
-    target = torch.arange(n, device=logits.device).expand(logits.shape[0], n)
-    return F.cross_entropy(logits[mask], target[mask])
+    b, n = logits.shape[:2]
+    target = torch.arange(n, device=logits.device).repeat(b)
+    # the mean over masked rows as a weighted sum: logits[mask] would sync the host to count the rows
+    per_row = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
+    m = mask.flatten().to(per_row.dtype)
+    return (per_row * m).sum() / m.sum()
 
 
 def bank_info_nce(q: Tensor, k: Tensor, bank: Tensor, temperature: float) -> Tensor:

@@ -62,8 +62,10 @@ def test_mocov3_forward_uses_gathered_keys_and_rank_offset(monkeypatch):
     monkeypatch.setattr(distributed, "all_gather", lambda x: torch.cat([other, x.detach()]))
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     out = m(Batch(views), StepInfo(0, 10))
-    q1, q2 = m.queries(views[0]), m.queries(views[1])
-    k1, k2 = m.keys(views[0]), m.keys(views[1])
+    # reference: each view through its own encoder call, as the official code does (the step packs both)
+    with torch.no_grad():
+        q1, q2 = (m.predictor(m.projector(m.backbone.forward_features(v)[:, 0])) for v in views)
+        k1, k2 = (m.momentum_projector(m.momentum_backbone.forward_features(v)[:, 0]) for v in views)
     t = m.cfg.temperature
 
     def ctr(q, k):
