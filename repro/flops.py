@@ -73,7 +73,7 @@ def mfu(flops_per_image: float, images_per_second: float, peak_flops_per_second:
 def _unfused_attention(module: nn.Module) -> Iterator[None]:
     """timm's fused attention runs as one SDPA kernel that FlopCounterMode cannot see on CPU; count the
     explicit matmuls instead (same FLOPs, same result)."""
-    saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
+    saved: list[tuple[Any, bool]] = [(m, bool(m.fused_attn)) for m in module.modules() if hasattr(m, "fused_attn")]
     try:
         for m, _ in saved:
             m.fused_attn = False

@@ -139,6 +139,27 @@ def build_optimizer(method: nn.Module, cfg: RunConfig, plan: Plan, device: torch
     return torch.optim.AdamW(groups, lr=plan.lr, betas=plan.betas, fused=fused, foreach=None if fused else True)
 
 
+def train_step(model: nn.Module, method: PretrainMethod, batch, info: StepInfo, opt: torch.optim.Optimizer,
+               lr: float, *, autocast: bool, clip_grad: float | None = None):
+    """One optimizer step: bf16 autocast forward (when ``autocast``), backward, optional clipping, the lr of every
+    group (times its ``lr_scale``), the update, and the method's post-step hook. No host sync.
+
+    ``model`` is what runs the forward (the method, or its DDP / compiled wrapper). The bench times this function.
+    """
+    device_type = batch.views[0].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(batch, info)
+    out.loss.backward()
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    method.after_optimizer_step(info)
+    return out
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
@@ -189,19 +210,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _step(self, step: int, batch, plan: Plan, opt: torch.optim.Optimizer):
-        info = StepInfo(step, plan.total_steps)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(batch, info)
-        out.loss.backward()
-        if self.cfg.train.clip_grad is not None:
-            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.train.clip_grad)
-        lr = lr_at(step, plan)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.method.after_optimizer_step(info)
-        return out
+        return train_step(self.model, self.method, batch, StepInfo(step, plan.total_steps), opt, lr_at(step, plan),
+                          autocast=self.autocast, clip_grad=self.cfg.train.clip_grad)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
