@@ -57,6 +57,13 @@ MATCH_RULE = (
 )
 
 
+SCRATCH = "supervised-scratch"
+"""The row of the random-init backbone's fine-tuning: supervised training from scratch with the same recipe and
+budget every export is fine-tuned with."""
+UNTRAINED = ("random-init", SCRATCH)
+"""Rows without pre-training (floors): drawn as horizontal lines, no pre-training command."""
+
+
 def records_frame(records: list[ResultRecord]) -> pd.DataFrame:
     if not records:
         return pd.DataFrame(columns=[*KEY, "value", "status", "time"])
@@ -64,6 +71,7 @@ def records_frame(records: list[ResultRecord]) -> pd.DataFrame:
     df = df[df["status"] == "ok"]
     # latest measurement of each key wins (re-runs append; nothing is rewritten)
     df = df.sort_values("time", kind="stable").drop_duplicates(KEY, keep="last")
+    df.loc[(df["method"] == "random-init") & (df["eval"] == "finetune"), "method"] = SCRATCH
     return df.reset_index(drop=True)
 
 
@@ -79,8 +87,8 @@ def _method_order(methods: list[str]) -> list[str]:
     from repro.registry import METHODS
 
     known = [m for m in METHODS if m in methods]
-    other = sorted(m for m in methods if m not in METHODS and m != "random-init")
-    return known + other + (["random-init"] if "random-init" in methods else [])
+    other = sorted(m for m in methods if m not in METHODS and m not in UNTRAINED)
+    return known + other + [m for m in UNTRAINED if m in methods]
 
 
 def _ordered(items: set[str], order: list[str]) -> list[str]:
@@ -115,7 +123,7 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
             row["final loss"] = _fmt(pre["value"], seeds)
         else:
             for k in ("steps", "epochs", "pretrain time", "img/s", "device-hours", "final loss"):
-                row[k] = "0" if method == "random-init" and k in ("steps", "epochs") else ""
+                row[k] = "0" if method in UNTRAINED and k in ("steps", "epochs") else ""
         for e, m in cols:
             row[f"{e} {m}"] = _fmt(g[(g["eval"] == e) & (g["metric"] == m)]["value"], seeds)
         notes = pre.sort_values("seed")["note"].fillna("") if "note" in pre else pd.Series([], dtype=str)
@@ -216,7 +224,7 @@ def paper_comparisons(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
 
 def paper_context(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
     """The papers' numbers for the methods and evaluations in this dataset's records, as the papers state them."""
-    methods = _method_order(sorted(set(df["method"]) - {"random-init"}))
+    methods = _method_order(sorted(set(df["method"]) - set(UNTRAINED)))
     evals = {e for e, _ in eval_columns(df)}
     sub = ref[ref["method_key"].isin(methods) & (ref["model_key"] != "")
               & ref["eval_key"].str.split("@").str[0].isin(evals)]
@@ -362,8 +370,9 @@ def plot_accuracy_vs_budget(df: pd.DataFrame, path: Path) -> bool:
         sub = merged[merged["eval"] == e]
         for method in _method_order(list(sub["method"].unique())):
             m = sub[sub["method"] == method].groupby("device_hours")["value"].agg(["mean", "std"]).reset_index()
-            if method == "random-init":
-                ax.axhline(m["mean"].iloc[0], color="gray", linestyle="--", label="random-init")
+            if method in UNTRAINED:
+                ax.axhline(m["mean"].iloc[0], color="gray", linestyle="--" if method == "random-init" else ":",
+                           label=method)
                 continue
             ax.errorbar(m["device_hours"], m["mean"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=method)
         ax.set_xlabel("pre-training device-hours")
@@ -410,7 +419,7 @@ def provenance(sub: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     runs = []
     commands: dict[tuple, list[str]] = {}  # one command for the methods run alike
     for (method, model, budget), g in sub.groupby(["method", "model", "budget"], sort=False):
-        if method != "random-init":
+        if method not in UNTRAINED:
             recipe = next((x for x in g["recipe"] if x), "")
             seeds = tuple(sorted(int(s) for s in set(g["seed"])))
             commands.setdefault((budget, recipe, model, seeds), []).append(method)
@@ -475,7 +484,8 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
         md += ["Budgets are per method (pre-training wall-clock on the device below, or epochs/steps/FLOPs). "
                "Accuracies (%) are on the test split (top1/top5; mIoU and AP for dense tasks); mean ± std over seeds "
                "when there are several, (n=k) when only k of the seeds have that number. random-init: the same "
-               "evaluations on an untrained backbone (the floor).", "",
+               "evaluations on an untrained backbone (the floor); supervised-scratch: that backbone fine-tuned with "
+               "the same recipe and budget as every export (supervised training from scratch).", "",
                f"Devices: {', '.join(devices) or 'n/a'}", ""]
         links = [f"[table]({md_path.name})", f"[csv]({csv_path.name})"]
         if plot_accuracy_vs_budget(sub, acc_png):
@@ -511,9 +521,9 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
                   "Records keep no command line, so the commands are rebuilt from them (method, budget, recipe, "
                   "seeds); `--set` overrides and the data path are not in the records, but the config hash names "
                   "the run directory `runs/<dataset>/<method>/<model>-<budget>-s<seed>-<config>/`, whose "
-                  "`config.json` holds every setting. random-init rows come from the same commands (evaluated "
-                  "once per model and seed). Device is the pre-training hardware (× processes); times are "
-                  "wall-clock; an evaluation's selection rule is in its record.", "", *how]
+                  "`config.json` holds every setting. random-init and supervised-scratch rows come from the same "
+                  "commands (evaluated once per model and seed). Device is the pre-training hardware (× processes); "
+                  "times are wall-clock; an evaluation's selection rule is in its record.", "", *how]
     if problems:
         index += ["", "## Unreadable record lines", ""]
         index += [f"- {Path(p.path).name}:{p.line}: {p.reason}" for p in problems]

@@ -65,6 +65,10 @@ def records() -> list[ResultRecord]:
         out.append(ResultRecord(method="random-init", model=TINY, dataset="toy", budget="-", seed=seed,
                                 eval="knn", metric="top1", value=20.0, eval_seconds=14.0, recipe="tiny",
                                 git_revision="abc123", time="2026-01-01T00:00:00"))
+        # the random-init backbone fine-tuned: supervised from scratch, its own row
+        out.append(ResultRecord(method="random-init", model=TINY, dataset="toy", budget="-", seed=seed,
+                                eval="finetune", metric="top1", value=30.0 + 2 * seed, eval_seconds=300.0,
+                                recipe="tiny", git_revision="abc123", time="2026-01-01T00:00:00"))
     # a two-stage method says how its budget was split
     mimco = dict(method="mimco", model=TINY, dataset="toy", budget="90s", seed=0, device="cuda x", world_size=2,
                  recipe="tiny", config_hash="mimco0hash", git_revision="abc123", time="2026-01-03T00:00:00")
@@ -123,6 +127,10 @@ def test_report_golden(tmp_path):
     assert "| random-init |" in md and "| 1m |" not in md
     assert "| mimco [1] |" in md and "1. mimco vit_tiny p4 @32 90s: stage 1 (MoCo v3 teacher) 30 s, stage 2 60 s" in md
     assert "finetune top1 | finetune top5" in md
+    scratch = next(line for line in md.splitlines() if line.startswith("| supervised-scratch |"))
+    assert "| 31.00 ± 1.41 |" in scratch and "| 20.00 ± 0.00 |" not in scratch  # fine-tune only, no kNN
+    floor = next(line for line in md.splitlines() if line.startswith("| random-init |"))
+    assert "31.00" not in floor and "| 20.00 ± 0.00 |" in floor
     assert "No difference is shown: this is not ImageNet-1k pre-training." in md
     assert "| 73.5 † |" in md and "| 83.6 |" in md and "DINO" not in md and "48.1" not in md
     assert "![pre-training loss](toy_loss_curves.png)" in md
