@@ -33,7 +33,7 @@ from repro.config import ConfigError
 from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp, per_token
 from repro.losses import patch_info_nce
-from repro.masking import block_mask, random_block_mask
+from repro.masking import block_mask, random_block_mask, to_device_async
 from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.momentum import cosine_momentum, ema_update_, momentum_copy
 from repro.views import BYOL_VIEW2, NONE, ViewSpec
@@ -124,7 +124,7 @@ class ConMIM(PretrainMethod):
         b = x_student.shape[0]
         if mask is None:
             mask = masks_for(self.cfg, self.backbone, b)
-        mask = mask.to(x_student.device)
+        mask = to_device_async(mask, x_student.device)
         s = per_token(self.projector, self.backbone.forward_masked(x_student, mask))[:, 1:]
         with torch.no_grad():  # the teacher's BN runs in training mode (batch statistics), like the student's
             tb = self.teacher_backbone

@@ -44,7 +44,7 @@ from repro.config import ConfigError
 from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp, per_token
 from repro.losses import info_nce, patch_info_nce
-from repro.masking import len_keep_mae, random_masking
+from repro.masking import len_keep_mae, random_masking, to_device_async
 from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.views import ViewSpec
 
@@ -152,7 +152,7 @@ class MimCo(PretrainMethod):
         x = batch.views[0]
         if mask is None:
             mask = self.random_mask(x.shape[0])
-        mask = mask.to(x.device)
+        mask = to_device_async(mask, x.device)
         tokens = self.backbone.forward_masked(x, mask)  # (B, N+1, D)
         t_patch, t_cls = self.teacher(x)
         s_patch = per_token(self.patch_head, tokens[:, 1:])
