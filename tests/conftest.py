@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tarfile
@@ -47,6 +48,7 @@ def mimco_teacher() -> Path:
 
         cfg, moco = build_method("mocov3", seed=123)
         out = Path(tempfile.mkdtemp(prefix="mimco-teacher-"))
+        atexit.register(shutil.rmtree, out, True)
         bb = moco.eval_backbone()
         meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
                           patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method="mocov3", steps=0,
