@@ -37,7 +37,7 @@ import torch
 
 from repro.backbone import MaskedViT
 from repro.config import ConfigError, DataConfig, RunConfig, apply_overrides, parse_set_args
-from repro.flops import matmul_peak_flops
+from repro.flops import matmul_peak_flops, set_fused_attention
 from repro.method import Batch, PretrainMethod, StepInfo
 from repro.recipes import RECIPES
 from repro.registry import METHODS
@@ -62,6 +62,7 @@ CPU_BATCH = 32
 class Row:
     device: str
     tag: str
+    variant: str
     model: str
     img_size: int
     method: str
@@ -120,7 +121,38 @@ def build(cfg: RunConfig, device: torch.device, scratch: Path) -> PretrainMethod
     return method.to(device).train()
 
 
-def make_step(cfg: RunConfig, method: PretrainMethod, device: torch.device) -> Callable[[Batch, int], Any]:
+@dataclass(frozen=True)
+class Variant:
+    """How the step runs. The default is what the trainer does; the others undo one optimisation each, so the
+    table shows what each is worth (``naive`` undoes all three: the habits of the official implementations)."""
+
+    attention: str = "fused"
+    """'fused': timm's F.scaled_dot_product_attention (flash / memory-efficient kernels); 'naive': softmax(QK^T)V."""
+    optimizer: str = "fused"
+    """AdamW implementation: 'fused' (one kernel; CUDA), 'foreach' (multi-tensor), 'loop' (per parameter)."""
+    sync: bool = False
+    """Read the loss on the host after every step (``loss.item()``), as most training scripts log."""
+
+    @property
+    def name(self) -> str:
+        parts = [f"attn={self.attention}"] if self.attention != "fused" else []
+        parts += [f"adamw={self.optimizer}"] if self.optimizer != "fused" else []
+        parts += ["sync"] if self.sync else []
+        return " ".join(parts) or "tuned"
+
+
+VARIANTS = {
+    "tuned": Variant(),
+    "naive": Variant("naive", "loop", True),
+    "naive-attn": Variant(attention="naive"),
+    "loop-adamw": Variant(optimizer="loop"),
+    "foreach-adamw": Variant(optimizer="foreach"),
+    "sync": Variant(sync=True),
+}
+
+
+def make_step(cfg: RunConfig, method: PretrainMethod, device: torch.device,
+              variant: Variant = Variant()) -> Callable[[Batch, int], Any]:
     """The trainer's own step (optimizer, autocast, compile) as a closure ``step(batch, i)``."""
     from repro.trainer import Plan, build_optimizer, resolve_hparams, train_step
 
@@ -128,12 +160,21 @@ def make_step(cfg: RunConfig, method: PretrainMethod, device: torch.device) -> C
     plan = Plan(10**6, hp["global_batch"], 1, hp["lr"], hp["min_lr"], 0, hp["weight_decay"], hp["betas"], "bench",
                 "steps", None, None, 0, 0.0, None)
     opt = build_optimizer(method, cfg, plan, device)
+    if variant.optimizer != "fused" or device.type != "cuda":
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=plan.lr, betas=plan.betas, fused=False,
+                                foreach=variant.optimizer != "loop")
+    if variant.attention == "naive":
+        set_fused_attention(method, False)
     model: Any = torch.compile(method) if cfg.train.compile else method
     amp = device.type == "cuda" and cfg.train.amp
 
     def step(batch: Batch, i: int) -> Any:
-        return train_step(model, method, batch, StepInfo(i, plan.total_steps), opt, plan.lr, autocast=amp,
-                          clip_grad=cfg.train.clip_grad)
+        out = train_step(model, method, batch, StepInfo(i, plan.total_steps), opt, plan.lr, autocast=amp,
+                         clip_grad=cfg.train.clip_grad)
+        if variant.sync:
+            out.loss.item()
+        return out
 
     return step
 
@@ -175,21 +216,23 @@ def device_name(device: torch.device) -> str:
 
 
 def bench_method(method_name: str, model: str, batch: int, *, compile: bool, amp: bool, steps: int, warmup: int,
-                 device: torch.device, peak: float, tag: str, scratch: Path, sets: dict[str, Any]) -> Row:
+                 device: torch.device, peak: float, tag: str, scratch: Path, sets: dict[str, Any],
+                 variant: Variant = Variant()) -> Row:
     cfg = model_config(method_name, model, batch, compile=compile, amp=amp, sets=sets)
     torch.manual_seed(0)
     method = build(cfg, device, scratch)
     flops = float(method.flops_per_image())
-    base: dict[str, Any] = dict(device=device_name(device), tag=tag, model=model, img_size=method.backbone.img_size,
-                method=method_name, batch=batch, compile=compile, amp=amp and device.type == "cuda",
-                gflop_per_img=flops / 1e9, peak_tflops=peak / 1e12, torch=torch.__version__,
-                date=_dt.date.today().isoformat())
+    base: dict[str, Any] = dict(
+        device=device_name(device), tag=tag, variant=variant.name, model=model, img_size=method.backbone.img_size,
+        method=method_name, batch=batch, compile=compile, amp=amp and device.type == "cuda",
+        gflop_per_img=flops / 1e9, peak_tflops=peak / 1e12, torch=torch.__version__,
+        date=_dt.date.today().isoformat())
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
         data = synthetic_batch(method, batch, device)
-        step = make_step(cfg, method, device)
+        step = make_step(cfg, method, device, variant)
         times = time_steps(lambda i: step(data, i), steps, warmup, device)
     except torch.cuda.OutOfMemoryError:
         del method
@@ -301,10 +344,11 @@ def render_markdown(runs, data) -> str:
         for dev, df in runs.groupby("device", sort=False):
             peak = df["peak_tflops"].max()
             lines += [f"## {dev}", "", f"Measured matmul peak: {peak:.1f} TFLOP/s; torch {df['torch'].iloc[-1]}.", "",
-                      "| tag | model | px | method | batch | GFLOP/img | eager img/s | eager MFU | compiled img/s "
-                      "| compiled MFU | peak mem GiB | note |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-            for (tag, model, method, batch), g in df.groupby(["tag", "model", "method", "batch"], sort=False):
+                      "| tag | variant | model | px | method | batch | GFLOP/img | eager img/s | eager MFU "
+                      "| compiled img/s | compiled MFU | peak mem GiB | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            keys = ["tag", "variant", "model", "method", "batch"]
+            for (tag, variant, model, method, batch), g in df.groupby(keys, sort=False):
                 cells = {}
                 for c in (False, True):
                     r = g[g["compile"].astype(str) == str(c)]
@@ -316,7 +360,7 @@ def render_markdown(runs, data) -> str:
                 mem = "-" if last["peak_mem_gib"] != last["peak_mem_gib"] or last["peak_mem_gib"] is None \
                     else f"{g['peak_mem_gib'].max():.1f}"
                 note = "; ".join(sorted({str(n) for n in g["note"] if isinstance(n, str) and n}))
-                lines.append(f"| {tag} | {model} | {last['img_size']} | {method} | {batch} | "
+                lines.append(f"| {tag} | {variant} | {model} | {last['img_size']} | {method} | {batch} | "
                              f"{last['gflop_per_img']:.2f} | {cells[False][0]} | {cells[False][1]} | "
                              f"{cells[True][0]} | {cells[True][1]} | {mem} | {note} |")
             lines.append("")
@@ -341,7 +385,8 @@ def write_results(out: Path, rows: list[Row], data_rows: list[DataRow]) -> tuple
     csv = out.with_suffix(".csv")
     data_csv = out.parent / f"{out.name}_data.csv"
     runs = _merge_csv(csv, [asdict(r) for r in rows],
-                      ["device", "tag", "model", "method", "batch", "compile"]) if rows or csv.exists() else None
+                      ["device", "tag", "variant", "model", "method", "batch", "compile"]) \
+        if rows or csv.exists() else None
     data = _merge_csv(data_csv, [asdict(r) for r in data_rows], ["device", "tag", "model", "method", "batch"]) \
         if data_rows or data_csv.exists() else None
     md = out.with_suffix(".md")
@@ -396,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=8, help="DataLoader workers for streamed datasets")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every method (as repro.run --set)")
+    p.add_argument("--variant", nargs="+", default=["tuned"], choices=sorted(VARIANTS),
+                   help="how the step runs: tuned (the trainer: SDPA attention, fused AdamW, no host sync), naive "
+                        "(softmax attention, per-parameter AdamW, loss.item() every step: the official codes' "
+                        "habits), or one optimisation undone (naive-attn, loop-adamw, foreach-adamw, sync)")
     p.add_argument("--tag", default="current", help="label of this measurement (e.g. before / after)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="results/throughput", help="writes OUT.md, OUT.csv (default results/throughput)")
@@ -443,13 +492,15 @@ def _main(args: argparse.Namespace) -> int:
         for model in models:
             for name in methods:
                 batch = _batch_for(name, model, device, given)
-                for c in compiles:
-                    r = bench_method(name, model, batch, compile=c, amp=amp, steps=args.steps, warmup=args.warmup,
-                                     device=device, peak=peak, tag=args.tag, scratch=Path(tmp), sets=sets)
-                    rows.append(r)
-                    log.info("%-6s %-7s batch %4d %-8s %8.0f img/s %7.1f ms/step %6.1f TFLOP/s MFU %5.1f%%%s",
-                             model, name, batch, "compiled" if c else "eager", r.img_per_s, r.ms_per_step, r.tflops,
-                             100 * r.mfu, f" ({r.note})" if r.note else "")
+                for v in args.variant:
+                    for c in compiles:
+                        r = bench_method(name, model, batch, compile=c, amp=amp, steps=args.steps,
+                                         warmup=args.warmup, device=device, peak=peak, tag=args.tag,
+                                         scratch=Path(tmp), sets=sets, variant=VARIANTS[v])
+                        rows.append(r)
+                        log.info("%-6s %-7s %-12s batch %4d %-8s %8.0f img/s %7.1f ms/step %6.1f TFLOP/s MFU %5.1f%%%s",
+                                 model, name, r.variant, batch, "compiled" if c else "eager", r.img_per_s,
+                                 r.ms_per_step, r.tflops, 100 * r.mfu, f" ({r.note})" if r.note else "")
                 if args.data:
                     d = bench_data(name, model, batch, args.data, amp=amp, steps=args.steps, warmup=args.warmup,
                                    device=device, tag=args.tag, scratch=Path(tmp), sets=sets,

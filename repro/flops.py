@@ -69,14 +69,22 @@ def mfu(flops_per_image: float, images_per_second: float, peak_flops_per_second:
     return flops_per_image * images_per_second / peak_flops_per_second
 
 
+def set_fused_attention(module: nn.Module, fused: bool) -> list[tuple[Any, bool]]:
+    """Switch every timm attention layer in ``module`` between SDPA (fused) and explicit softmax(QK^T)V;
+    returns the previous (layer, flag) pairs."""
+    layers: list[Any] = [m for m in module.modules() if hasattr(m, "fused_attn")]
+    before = [(m, bool(m.fused_attn)) for m in layers]
+    for m in layers:
+        m.fused_attn = fused
+    return before
+
+
 @contextlib.contextmanager
 def _unfused_attention(module: nn.Module) -> Iterator[None]:
     """timm's fused attention runs as one SDPA kernel that FlopCounterMode cannot see on CPU; count the
     explicit matmuls instead (same FLOPs, same result)."""
-    saved: list[tuple[Any, bool]] = [(m, bool(m.fused_attn)) for m in module.modules() if hasattr(m, "fused_attn")]
+    saved = set_fused_attention(module, False)
     try:
-        for m, _ in saved:
-            m.fused_attn = False
         yield
     finally:
         for m, flag in saved:
