@@ -214,13 +214,19 @@ def blur_radius(p: Photometric, size: int) -> int:
     return max(1, math.ceil(3.0 * p.blur_sigma[1] * size / REFERENCE_SIZE))
 
 
-def apply_photometric(x: Tensor, p: Photometric) -> Tensor:
+def apply_photometric(x: Tensor, p: Photometric, *, select_by_where: bool | None = None) -> Tensor:
     """Batched photometric corruption of crops ``x`` (n, 3, S, S) in [0, 1], parameters drawn per image.
 
     Same distribution as torchvision's RandomApply(ColorJitter) -> RandomGrayscale -> RandomApply(GaussianBlur)
     -> RandomSolarize(128): jitter factors uniform in [max(0, 1 - s), 1 + s] (hue in [-h, h]), applied in a
     random order per image.
+
+    ``select_by_where`` picks how each image gets its op at each slot: run the op on every image and keep it with
+    ``torch.where`` (no host sync; the default on CUDA), or run it on just the chosen images (the default on CPU).
+    Both give the same result (tested on CPU).
     """
+    if select_by_where is None:
+        select_by_where = x.is_cuda
     if not p.active:
         return x
     n, dev = x.shape[0], x.device
@@ -250,7 +256,7 @@ def apply_photometric(x: Tensor, p: Photometric) -> Tensor:
         for slot in range(4):
             for k in range(3 if h == 0 else 4):  # each image gets op order[i, slot]
                 chosen = order[:, slot] == k
-                if y.is_cuda:  # no host sync: run op k on every image, keep it where chosen
+                if select_by_where:  # no host sync: run op k on every image, keep it where chosen
                     y = torch.where(chosen.view(-1, 1, 1, 1), op(k, y, slice(None)), y)
                 else:  # CPU: run op k on just its images (4x less work; the index costs no device sync here)
                     idx = chosen.nonzero().squeeze(1)

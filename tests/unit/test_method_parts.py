@@ -272,6 +272,19 @@ def test_photometric_probabilities():
     assert torch.equal(apply_photometric(x, NONE), x)
 
 
+@pytest.mark.parametrize("view", [BYOL_VIEW1, BYOL_VIEW2])
+def test_photometric_where_path_equals_index_path(view):
+    """The CUDA path (every op on every image, kept by torch.where; no host sync) against the CPU path (each op on
+    its chosen images), on CPU with the same draws: the same images."""
+    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    by_index = apply_photometric(x, view, select_by_where=False)
+    torch.manual_seed(3)
+    by_where = apply_photometric(x, view, select_by_where=True)
+    assert not torch.equal(by_index, x)
+    torch.testing.assert_close(by_where, by_index, rtol=0, atol=1e-6)
+
+
 def test_shared_crop_views_differ_only_photometrically():
     imgs = (torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)
     torch.manual_seed(0)
