@@ -113,3 +113,20 @@ def test_pretrain_on_real_cifar10_jpegs(tmp_path, cpu_env, cifar_jpeg_subset):
     recs, _ = read_all(tmp_path / "results" / "records")
     knn = [r for r in recs if r.eval == "knn" and r.method == "micl"]
     assert len(knn) == 1 and 0.0 <= knn[0].value <= 100.0 and knn[0].dataset == cifar_jpeg_subset.name
+
+
+def test_cifar10_recipe_on_real_cifar10_jpegs_with_finetune_and_scratch_rows(tmp_path, cpu_env, cifar_jpeg_subset):
+    """The issue-8 command shape, shrunk: the cifar10 recipe on real CIFAR JPEGs, fine-tuning the export and the
+    random-init backbone (the supervised-from-scratch row)."""
+    p = run(["repro.run", "mae", "--budget", "2steps", "--data", str(cifar_jpeg_subset), "--recipe", "cifar10",
+             "--evals", "knn,finetune", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+             "--set", "model.depth=1", "--set", "train.batch_size=32", "--set", "eval.finetune_epochs=1",
+             "--set", "eval.finetune_batch_size=32", "--no-progress"], cpu_env, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs, _ = read_all(tmp_path / "results" / "records")
+    pre = [r for r in recs if r.eval == "pretrain"]
+    assert len(pre) == 1 and pre[0].recipe == "cifar10" and pre[0].model.startswith("vit_small_patch16_224 p4 @32")
+    assert {(r.method, r.eval) for r in recs if r.eval == "finetune"} == {("mae", "finetune"),
+                                                                         ("random-init", "finetune")}
+    md = (tmp_path / "results" / f"{cifar_jpeg_subset.name}.md").read_text()
+    assert "| supervised-scratch |" in md and "| random-init |" in md
