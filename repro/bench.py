@@ -261,13 +261,14 @@ class DataRow:
     date: str
 
 
-def bench_data(method_name: str, model: str, batch: int, data_path: str, *, amp: bool, steps: int, warmup: int,
+def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool, steps: int, warmup: int,
                device: torch.device, tag: str, scratch: Path, sets: dict[str, Any], num_workers: int) -> DataRow:
-    """img/s of the batch source alone, and of the training step fed by it vs by one synthetic batch."""
-    from repro.data import StepSampler, TensorImages, load_data, make_batch_source
+    """img/s of the batch source alone, and of the training step fed by it vs by one synthetic batch.
+
+    ``data``: the :class:`repro.data.DatasetSplits` from :func:`repro.data.load_data`."""
+    from repro.data import StepSampler, TensorImages, make_batch_source
 
     cfg = model_config(method_name, model, batch, compile=False, amp=amp, sets=sets)
-    data = load_data(DataConfig(path=data_path, num_workers=num_workers))
     torch.manual_seed(0)
     method = build(cfg, device, scratch)
     size = method.backbone.img_size
@@ -455,9 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    from repro.data import DataError
+
     try:
         return _main(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -483,9 +486,14 @@ def _main(args: argparse.Namespace) -> int:
     amp = not args.no_amp
     dtype = torch.bfloat16 if device.type == "cuda" and amp else torch.float32
     size = args.peak_size or (8192 if device.type == "cuda" else 1024)
-    peak = matmul_peak_flops(device, dtype, n=size, repeats=20 if device.type == "cuda" else 3)
+    peak = matmul_peak_flops(device, dtype, n=size, repeats=20 if device.type == "cuda" else 8)
     log.info("%s: measured %s matmul peak %.1f TFLOP/s", device_name(device), str(dtype).removeprefix("torch."),
              peak / 1e12)
+    data = None
+    if args.data:  # decoded once (in-memory datasets), before any timing; a bad path fails here
+        from repro.data import load_data
+
+        data = load_data(DataConfig(path=args.data, num_workers=args.num_workers))
     rows: list[Row] = []
     data_rows: list[DataRow] = []
     with tempfile.TemporaryDirectory(prefix="repro-bench-") as tmp:
@@ -501,8 +509,8 @@ def _main(args: argparse.Namespace) -> int:
                         log.info("%-6s %-7s %-12s batch %4d %-8s %8.0f img/s %7.1f ms/step %6.1f TFLOP/s MFU %5.1f%%%s",
                                  model, name, r.variant, batch, "compiled" if c else "eager", r.img_per_s,
                                  r.ms_per_step, r.tflops, 100 * r.mfu, f" ({r.note})" if r.note else "")
-                if args.data:
-                    d = bench_data(name, model, batch, args.data, amp=amp, steps=args.steps, warmup=args.warmup,
+                if data is not None:
+                    d = bench_data(name, model, batch, data, amp=amp, steps=args.steps, warmup=args.warmup,
                                    device=device, tag=args.tag, scratch=Path(tmp), sets=sets,
                                    num_workers=args.num_workers)
                     data_rows.append(d)

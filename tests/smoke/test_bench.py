@@ -106,3 +106,9 @@ def test_naive_variant_is_wired(monkeypatch):
     out = step(bench.synthetic_batch(m, 4, torch.device("cpu")), 0)
     assert torch.isfinite(out.loss)
     assert bench.VARIANTS["naive"].name == "attn=naive adamw=loop sync" and bench.VARIANTS["tuned"].name == "tuned"
+
+
+def test_data_path_error_is_one_line(tmp_path, capsys):
+    assert bench.main(["mae", *FAST, "--out", str(tmp_path / "tp"), "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing" in err and len(err.splitlines()) == 1
