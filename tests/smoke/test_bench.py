@@ -25,6 +25,7 @@ def test_bench_writes_table_and_csv_for_each_method(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| current | tuned | tiny | 32 | micl | 8 |" in md and "| current | tuned | tiny | 32 | mimco | 8 |" in md
     assert bench.device_name(torch.device("cpu")) in md
+    assert "No GPU rows yet" in md  # CPU-only tables say so
 
 
 def test_rerun_replaces_its_rows_and_other_tags_stay(tmp_path):
