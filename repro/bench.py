@@ -98,7 +98,7 @@ def _teacher_export(cfg: RunConfig, out: Path) -> Path:
     """A randomly initialised MoCo v3 export of the student's architecture: MimCo's frozen teacher for timing."""
     from repro.checkpoint import ExportMeta, export_backbone, export_extra
 
-    tcfg = model_config("mocov3", "tiny", 2, compile=False, amp=False)
+    tcfg = model_config("mocov3", cfg.recipe, 2, compile=False, amp=False)  # the teacher the same recipe trains
     tcfg = replace(tcfg, model=cfg.model)
     cls = METHODS["mocov3"]
     moco = cls(tcfg.method_cfg, MaskedViT(tcfg.model, cls.backbone_options(tcfg.method_cfg)))
