@@ -21,14 +21,13 @@ rows) and ``<out>.md`` is regenerated from it, so before/after tags and several 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import logging
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,8 +93,9 @@ def model_config(method: str, model: str, batch: int, *, compile: bool, amp: boo
                                  "train.amp": amp, **(sets or {})})
 
 
-def _teacher_export(cfg: RunConfig, out: Path) -> Path:
-    """A randomly initialised MoCo v3 export of the student's architecture: MimCo's frozen teacher for timing."""
+def random_teacher_export(cfg: RunConfig, out: Path) -> Path:
+    """A MoCo v3 export (backbone + projector) of the student's architecture, at its random init (from the global
+    RNG): MimCo's frozen teacher for timing and for tests."""
     from repro.checkpoint import ExportMeta, export_backbone, export_extra
 
     tcfg = model_config("mocov3", cfg.recipe, 2, compile=False, amp=False)  # the teacher the same recipe trains
@@ -115,7 +115,7 @@ def _teacher_export(cfg: RunConfig, out: Path) -> Path:
 def build(cfg: RunConfig, device: torch.device, scratch: Path) -> PretrainMethod:
     cls = METHODS[cfg.method]
     if getattr(cls, "teacher_method", None) and getattr(cfg.method_cfg, "teacher", None) is None:
-        cfg_teacher = _teacher_export(cfg, scratch / f"teacher-{cfg.model.name}-{cfg.model.img_size}")
+        cfg_teacher = random_teacher_export(cfg, scratch / f"teacher-{cfg.model.name}-{cfg.model.img_size}")
         cfg = apply_overrides(cfg, {"method.teacher": str(cfg_teacher)})
     method = cls(cfg.method_cfg, MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg)))
     return method.to(device).train()
@@ -129,7 +129,8 @@ class Variant:
     attention: str = "fused"
     """'fused': timm's F.scaled_dot_product_attention (flash / memory-efficient kernels); 'naive': softmax(QK^T)V."""
     optimizer: str = "fused"
-    """AdamW implementation: 'fused' (one kernel; CUDA), 'foreach' (multi-tensor), 'loop' (per parameter)."""
+    """AdamW implementation: 'fused' (the trainer's: one fused kernel on CUDA, foreach on CPU), 'foreach'
+    (multi-tensor), 'loop' (per parameter)."""
     sync: bool = False
     """Read the loss on the host after every step (``loss.item()``), as most training scripts log."""
 
@@ -160,7 +161,7 @@ def make_step(cfg: RunConfig, method: PretrainMethod, device: torch.device,
     plan = Plan(10**6, hp["global_batch"], 1, hp["lr"], hp["min_lr"], 0, hp["weight_decay"], hp["betas"], "bench",
                 "steps", None, None, 0, 0.0, None)
     opt = build_optimizer(method, cfg, plan, device)
-    if variant.optimizer != "fused" or device.type != "cuda":
+    if variant.optimizer != "fused":  # "fused" = the trainer's own choice (fused on CUDA, foreach on CPU)
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
         opt = torch.optim.AdamW(groups, lr=plan.lr, betas=plan.betas, fused=False,
                                 foreach=variant.optimizer != "loop")
@@ -190,8 +191,8 @@ def time_steps(run: Callable[[int], Any], steps: int, warmup: int, device: torch
     """Seconds of each of ``steps`` calls after ``warmup`` untimed ones (CUDA events: no sync between steps)."""
     for i in range(warmup):
         run(i)
+    _sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for i, (start, end) in enumerate(events):
             start.record()
@@ -205,6 +206,11 @@ def time_steps(run: Callable[[int], Any], steps: int, warmup: int, device: torch
         run(warmup + i)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:
@@ -276,42 +282,28 @@ def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool
     source = make_batch_source(data, method.views, size, sampler, device,
                                replace(cfg.data, num_workers=num_workers))
     kind = "in-memory on " + device.type if isinstance(data.train, TensorImages) else f"DataLoader x{num_workers}"
-    total = warmup + steps
 
-    def drain(it: Iterator[Batch]) -> float:
-        for _ in range(warmup):
-            next(it)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def img_per_s(run: Callable[[int], Any]) -> float:
+        """Wall clock over ``steps`` calls after ``warmup`` (device synced at both ends): the same clock for the
+        source alone, the synthetic step and the real step, so their ratio is like for like."""
+        for i in range(warmup):
+            run(i)
+        _sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            b = next(it)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        del b
+        for i in range(warmup, warmup + steps):
+            run(i)
+        _sync(device)
         return steps * batch / (time.perf_counter() - t0)
 
-    it = source.batches(0, total)
-    loader_ips = drain(it)
-    with contextlib.suppress(AttributeError):
-        it.close()  # type: ignore[attr-defined]
+    it = source.batches(0, warmup + steps)
+    loader_ips = img_per_s(lambda i: next(it))
+    it.close()
     step = make_step(cfg, method, device)
     fixed = synthetic_batch(method, batch, device)
-    synth = batch / statistics.median(time_steps(lambda i: step(fixed, i), steps, warmup, device))
-    it = source.batches(0, total)
-    # real: the batch is produced inside the timed region, as in training (wall clock over all steps)
-    for i in range(warmup):
-        step(next(it), i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for i in range(warmup, total):
-        step(next(it), i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    real = steps * batch / (time.perf_counter() - t0)
-    with contextlib.suppress(AttributeError):
-        it.close()  # type: ignore[attr-defined]
+    synth = img_per_s(lambda i: step(fixed, i))
+    it = source.batches(0, warmup + steps)  # the batch is produced inside the timed loop, as in training
+    real = img_per_s(lambda i: step(next(it), i))
+    it.close()
     return DataRow(device_name(device), tag, model, method_name, batch, kind, loader_ips, synth, real,
                    real / synth, _dt.date.today().isoformat())
 
@@ -364,8 +356,7 @@ def render_markdown(runs, data) -> str:
                     else:
                         cells[c] = (f"{r.iloc[-1]['img_per_s']:.0f}", f"{100 * r.iloc[-1]['mfu']:.1f}%")
                 last = g.iloc[-1]
-                mem = "-" if last["peak_mem_gib"] != last["peak_mem_gib"] or last["peak_mem_gib"] is None \
-                    else f"{g['peak_mem_gib'].max():.1f}"
+                mem = "-" if g["peak_mem_gib"].isna().all() else f"{g['peak_mem_gib'].max():.1f}"
                 note = "; ".join(sorted({str(n) for n in g["note"] if isinstance(n, str) and n}))
                 lines.append(f"| {tag} | {variant} | {model} | {last['img_size']} | {method} | {batch} | "
                              f"{last['gflop_per_img']:.2f} | {cells[False][0]} | {cells[False][1]} | "

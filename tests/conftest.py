@@ -44,19 +44,12 @@ def mimco_teacher() -> Path:
     if "t" not in _TEACHERS:
         import tempfile
 
-        from repro.checkpoint import ExportMeta, export_backbone, export_extra
+        from repro.bench import random_teacher_export
 
-        cfg, moco = build_method("mocov3", seed=123)
         out = Path(tempfile.mkdtemp(prefix="mimco-teacher-"))
         atexit.register(shutil.rmtree, out, True)
-        bb = moco.eval_backbone()
-        meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
-                          patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method="mocov3", steps=0,
-                          budget="-", budget_seconds=None, config_hash=cfg.config_hash(), git_revision="")
-        for name, state in moco.extra_exports().items():
-            export_extra(out, name, state)
-        export_backbone(out, bb.export_state_dict(), meta)
-        _TEACHERS["t"] = out
+        torch.manual_seed(123)
+        _TEACHERS["t"] = random_teacher_export(tiny_config("mocov3"), out)
     return _TEACHERS["t"]
 
 
