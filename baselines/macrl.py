@@ -154,7 +154,7 @@ class MACRL(PretrainMethod):
                 keys.append(self.key_projector(self.key_backbone.forward_visible(x, m.ids_keep)[:, 0]))
             target = patchify(x, bb.patch_size)
             if c.norm_pix_loss:
-                target = normalized_pixel_target(target.float())
+                target = normalized_pixel_target(target)
             recon.append(masked_l1(self.decoders[i](latent, m.ids_restore), target, m.mask))
         bank = self.bank.keys
         ctr = 0.5 * (bank_info_nce(queries[0], keys[1], bank, c.temperature)

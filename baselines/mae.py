@@ -97,7 +97,7 @@ class MAE(PretrainMethod):
         pred = self.decoder(latent, m.ids_restore)  # (B, N, P)
         target = patchify(imgs, bb.patch_size)
         if self.cfg.norm_pix_loss:
-            target = normalized_pixel_target(target.float())
+            target = normalized_pixel_target(target)
         loss = masked_mse(pred, target, m.mask)
         return StepOutput(loss, {"mse_masked": loss.detach()})
 

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from repro.losses import at_least_fp32
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -118,9 +120,11 @@ def all_reduce_max(x: Tensor) -> Tensor:
 class CpuSyncBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d whose batch statistics span every rank, for gloo/CPU runs (``nn.SyncBatchNorm`` is CUDA-only).
 
-    Sums of x and x^2 and the row count are all-reduced with autograd (``torch.distributed.nn``), so the
-    forward and backward equal one BatchNorm over the concatenated global batch. Running statistics use the
-    unbiased global variance, like ``nn.SyncBatchNorm``.
+    The row count and sum of x, then the sum of squared deviations from the global mean, are all-reduced with
+    autograd (``torch.distributed.nn``), so the forward and backward equal one BatchNorm over the concatenated
+    global batch. Two passes, not E[x^2] - mean^2: that one-pass variance cancels catastrophically when
+    mean^2 >> var (MoCo v3's projector inputs), which put a 2-rank run ~6e-9 (float64) / ~4e-5 (float32) from
+    the 1-process one. Running statistics use the unbiased global variance, like ``nn.SyncBatchNorm``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,12 +133,11 @@ class CpuSyncBatchNorm(nn.BatchNorm1d):
         from torch.distributed.nn.functional import all_reduce as all_reduce_autograd
 
         c = x.shape[1]
-        xf = x.float()
-        local = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), float(x.shape[0]))])
-        total = all_reduce_autograd(local)
+        xf = at_least_fp32(x)
+        total = all_reduce_autograd(torch.cat([xf.sum(0), xf.new_full((1,), float(x.shape[0]))]))
         n = total[-1]
         mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp(min=0)
+        var = all_reduce_autograd((xf - mean).pow(2).sum(0)) / n
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -155,8 +158,11 @@ def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm1d) and not isinstance(child, CpuSyncBatchNorm):
+            like = next(iter(child.state_dict().values()), None)  # keep the layer's dtype and device
+            factory = {"dtype": like.dtype, "device": like.device} if like is not None and like.is_floating_point() \
+                else {}
             new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
+                                   child.track_running_stats, **factory)
             new.load_state_dict(child.state_dict())
             new.train(child.training)
             new.requires_grad_(any(p.requires_grad for p in child.parameters()) if child.affine else False)

@@ -279,11 +279,14 @@ def apply_photometric(x: Tensor, p: Photometric, *, select_by_where: bool | None
 class TensorAugment:
     """Batched views of uint8 images (n, 3, H, W) on their own device -> tuple of normalised float views."""
 
-    def __init__(self, spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 dtype: torch.dtype = torch.float32) -> None:
         self.spec = spec
         self.size = size
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.dtype = dtype
+        """Dtype of the views (float64 only in the cross-machine golden tests)."""
 
     def _crop(self, x: Tensor) -> Tensor:
         s = self.spec
@@ -292,8 +295,8 @@ class TensorAugment:
         return resized_crops(x, boxes, self.size, flip, s.interpolation).clamp_(0, 255).div_(255.0)
 
     def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
-        x = images.float()
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        x = images.to(self.dtype)
+        mean, std = self.mean.to(x), self.std.to(x)
         views = []
         shared = self._crop(x) if self.spec.shared_crop else None
         for i in range(self.spec.count):

@@ -53,6 +53,25 @@ def mimco_teacher() -> Path:
     return _TEACHERS["t"]
 
 
+def float64_mimco_teacher() -> Path:
+    """:func:`mimco_teacher` initialised in float64 (the cross-machine golden tests), made once per session."""
+    if "t64" not in _TEACHERS:
+        import tempfile
+
+        from repro.bench import random_teacher_export
+
+        out = Path(tempfile.mkdtemp(prefix="mimco-teacher64-"))
+        atexit.register(shutil.rmtree, out, True)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            torch.manual_seed(123)
+            _TEACHERS["t64"] = random_teacher_export(tiny_config("mocov3"), out)
+        finally:
+            torch.set_default_dtype(before)
+    return _TEACHERS["t64"]
+
+
 def build_method(method: str, seed: int = 0, **overrides):
     if method == "mimco" and "method.teacher" not in overrides:
         overrides["method.teacher"] = str(mimco_teacher())
