@@ -11,10 +11,25 @@ photometric corruption and no mask. Loss: per image, InfoNCE of each masked stud
 teacher's N tokens of that image, target = its own position, T = 0.1; mean over all masked positions.
 Absolute learning rate (no batch scaling).
 
+What is exported and evaluated: the momentum **teacher** (``method.export_encoder='teacher'``, the default), as
+the official release fine-tunes ``checkpoint_copy-*.pth``, the teacher's checkpoint; ``'student'`` exports the
+online encoder instead.
+
+As the official code (``modeling_pretrain.py``, ``run_conmim_pretraining.py``, ``optim_factory.py``):
+- BEiT's initialisation: Linear layers (the projector's too: it is built before ``apply(_init_weights)``), the
+  patch projection, cls, [MASK] and position tables N(0, 0.02) truncated at +-1 sigma; each block's
+  ``attn.proj`` / ``mlp.fc2`` divided by sqrt(2 layer_id) (``BackboneOptions(init='beit')``);
+- the projector's BatchNorm is per device: the official model is wrapped in DDP without SyncBN conversion;
+- weight decay by BEiT's ``get_parameter_groups`` (1-D, biases, ``pos_embed``, ``cls_token`` not decayed);
+- no gradient clipping in the ViT-B recipe (``--clip_grad`` default None; the ViT-L recipe clips at 1.0:
+  ``--set train.clip_grad=1.0``);
+- block-wise masking places rectangles until ``num_mask_patches`` are masked (BEiT ``MaskingGenerator``); the
+  random-block variant masks ``ceil(cells * ratio)`` cells (ConMIM ``MaskGenerator``).
+
 Deviations (the shared timm backbone differs from the official BEiT-style ViT; the objective is exact):
 1. No relative position bias: timm's learned absolute position embedding instead (BEiT's ``rel_pos_bias``
    is not part of timm's ``VisionTransformer``).
-2. No layer-scale (BEiT ``init_values``); timm's default ViT blocks, timm's init (trunc-normal 0.02).
+2. No layer-scale (BEiT ``init_values`` 0.1 at ViT-B): timm's default ViT blocks have none.
 3. The teacher update runs after each optimizer step with the schedule at that step, as the official
    training loop does; the [MASK] token is a method parameter, not part of the export (the official
    fine-tuning also drops it).
@@ -28,13 +43,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from repro.backbone import BackboneOptions, MaskedViT
+from repro.backbone import BackboneOptions, MaskedViT, init_beit_
 from repro.config import ConfigError
 from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp, per_token
 from repro.losses import patch_info_nce
 from repro.masking import block_mask, random_block_mask, to_device_async
-from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import BEIT_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.momentum import cosine_momentum, ema_update_, momentum_copy
 from repro.views import BYOL_VIEW2, NONE, ViewSpec
 
@@ -71,9 +86,14 @@ class ConMIMConfig(MethodConfig):
     warmup_epochs: float = 10.0
     epochs: float = 800.0
     min_lr: float = 1e-5
+    export_encoder: Literal["teacher", "student"] = "teacher"
+    """Encoder exported for evaluation: the momentum teacher, as the official release fine-tunes
+    (``checkpoint_copy-*.pth``), or the online student."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.export_encoder not in ("teacher", "student"):
+            raise ConfigError(f"method.export_encoder must be 'teacher' or 'student', got {self.export_encoder!r}")
         if self.temperature <= 0:
             raise ConfigError("method.temperature must be > 0")
         if not 0.0 < self.mask_ratio < 1.0:
@@ -96,6 +116,8 @@ def masks_for(cfg: Any, backbone: MaskedViT, batch_size: int, generator: torch.G
 class ConMIM(PretrainMethod):
     name = "conmim"
     config_cls = ConMIMConfig
+    weight_decay_rule = BEIT_DECAY
+    sync_batchnorm = False  # the official code wraps DDP without converting BN: projector statistics per device
     cfg: ConMIMConfig
 
     def __init__(self, cfg: ConMIMConfig, backbone: MaskedViT) -> None:
@@ -104,12 +126,20 @@ class ConMIM(PretrainMethod):
             raise ConfigError(f"method.num_mask_patches={cfg.num_mask_patches} exceeds the {backbone.num_patches} "
                               "patches")
         self.projector = bn_mlp(3, backbone.embed_dim, cfg.mlp_dim, cfg.dim)
+        init_beit_(self.projector)  # built before the official apply(_init_weights): BEiT's init reaches it too
+        # a configuration that masks nothing would give a 0/0 loss at the first step: refuse it now
+        probe = masks_for(cfg, backbone, 8, torch.Generator().manual_seed(0))
+        if not bool(probe.any(dim=1).all()):
+            raise ConfigError(f"method.mask_kind={cfg.mask_kind!r} with these settings leaves some images with no "
+                              f"masked patch on the {backbone.grid_size}x{backbone.grid_size} grid (e.g. "
+                              f"min_mask_patches={cfg.min_mask_patches} does not fit); ConMIM's loss needs one")
         self.teacher_backbone = momentum_copy(backbone)
         self.teacher_projector = momentum_copy(self.projector)
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
-        return BackboneOptions(pos_embed="learned", init="timm", mask_token=True)
+        # DEVIATION(1): learned absolute positions, no relative position bias; DEVIATION(2): no layer-scale
+        return BackboneOptions(pos_embed="learned", init="beit", mask_token=True)
 
     @property
     def views(self) -> ViewSpec:
@@ -133,9 +163,13 @@ class ConMIM(PretrainMethod):
         return StepOutput(loss, {"patch_nce": loss.detach(), "aux/mask_fraction": mask.float().mean()})
 
     def after_optimizer_step(self, step: StepInfo) -> None:
+        # DEVIATION(3): the EMA runs after the optimizer step, with the schedule at this step
         m = cosine_momentum(self.cfg.momentum, step.progress)
         ema_update_(self.teacher_backbone, self.backbone, m)
         ema_update_(self.teacher_projector, self.projector, m)
+
+    def eval_backbone(self) -> MaskedViT:
+        return self.teacher_backbone if self.cfg.export_encoder == "teacher" else self.backbone
 
     def flops_per_image(self) -> float:
         bb, c = self.backbone, self.cfg

@@ -20,7 +20,8 @@ Assumptions (the paper does not state them):
    both views RandomResizedCrop(0.2-1) + flip (MAE's crop).
 5. L1 target: the view's normalised pixels per patch, no per-patch normalisation (``norm_pix_loss`` off).
 6. Decoders and optimisation as MAE (512 wide, 8 blocks; AdamW base lr 1.5e-4 x batch/256, betas
-   (0.9, 0.95), wd 0.05, 40 warmup of 800 epochs).
+   (0.9, 0.95), wd 0.05, 40 warmup of 800 epochs), MAE's weight-decay rule included (1-D tensors and biases
+   not decayed; cls and [MASK] tokens decayed).
 7. Memory bank of 65536 keys at ImageNet scale; keep it below the train-set size on small data (the tiny
    recipe uses 4096 for 5k images) so that a key is not its own image's negative within an epoch too often.
 """
@@ -41,7 +42,7 @@ from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear
 from repro.heads import MAEDecoder
 from repro.losses import bank_info_nce, masked_l1, normalized_pixel_target
 from repro.masking import draw_noise, len_keep_mae, random_masking
-from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import MAE_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.momentum import ema_update_, momentum_copy
 from repro.views import BYOL_VIEW2, NONE, ViewSpec
 
@@ -109,6 +110,7 @@ class MemoryBank(nn.Module):
 class MACRL(PretrainMethod):
     name = "macrl"
     config_cls = MACRLConfig
+    weight_decay_rule = MAE_DECAY  # assumption 6
     cfg: MACRLConfig
 
     def __init__(self, cfg: MACRLConfig, backbone: MaskedViT) -> None:
@@ -129,6 +131,7 @@ class MACRL(PretrainMethod):
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
+        # DEVIATION(6): MAE-style encoder (fixed sin-cos positions, MAE init), as the decoders and optimisation
         return BackboneOptions(pos_embed="sincos", init="mae")
 
     @property

@@ -26,7 +26,7 @@ from repro.flops import TRAIN, embed_train_flops, encoder_flops, linear_flops
 from repro.heads import MAEDecoder
 from repro.losses import masked_mse, normalized_pixel_target
 from repro.masking import draw_noise, len_keep_mae, random_masking
-from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import MAE_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.views import ViewSpec
 
 
@@ -70,6 +70,7 @@ class MAEConfig(MethodConfig):
 class MAE(PretrainMethod):
     name = "mae"
     config_cls = MAEConfig
+    weight_decay_rule = MAE_DECAY
     cfg: MAEConfig
 
     def __init__(self, cfg: MAEConfig, backbone) -> None:

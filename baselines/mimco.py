@@ -18,14 +18,16 @@ Loss = ``patch_weight * patch + image_weight * image`` (equal weights by default
 Assumptions (the paper does not state them) and deviations:
 1. Teacher = stage-1 MoCo v3 export: backbone (final-norm tokens are the patch targets) + its projector
    (the cls target); kept frozen in eval mode (BN running statistics), never updated.
-2. Student: the shared timm ViT with learned absolute positions and timm init (BEiT-style MIM student, as
-   ConMIM here); the [MASK] token is not exported.
+2. Student: the shared timm ViT with learned absolute positions and timm's init (a BEiT-style MIM student;
+   ConMIM here uses BEiT's own init, which MimCo's paper does not state); the [MASK] token is not exported.
 3. Patch predictor: Linear(D, D) - GELU - Linear(D, D_teacher) per token; image predictor: MoCo v3's
    2-layer BN predictor D -> 4096 -> 256 on the student's cls token.
 4. Image-level InfoNCE without MoCo v3's 2T factor (a plain InfoNCE, as the paper writes it).
 5. Optimisation values not in the paper are MAE's (AdamW, base lr 1.5e-4 x batch/256, betas (0.9, 0.95),
    wd 0.05) with the paper's 100 epochs and a 10-epoch warmup.
 6. Augmentation: RandomResizedCrop(0.2-1) + flip (MAE's), the teacher sees the same pixels unmasked.
+7. Weight decay: BEiT's rule (1-D tensors, biases, ``pos_embed`` and ``cls_token`` not decayed; the [MASK] token
+   decayed), the rule of the BEiT-style MIM code its student resembles (as ConMIM's).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear
 from repro.heads import bn_mlp, per_token
 from repro.losses import info_nce, patch_info_nce
 from repro.masking import len_keep_mae, random_masking, to_device_async
-from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import BEIT_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.views import ViewSpec
 
 
@@ -114,6 +116,9 @@ class FrozenTeacher(nn.Module):
 class MimCo(PretrainMethod):
     name = "mimco"
     config_cls = MimCoConfig
+    # assumption 7: BEiT's rule, made for this kind of student (learned positions, [MASK] token); MAE's would
+    # decay the learned position table, which MAE's own model never trains
+    weight_decay_rule = BEIT_DECAY
     cfg: MimCoConfig
     teacher_method = "mocov3"
     """Stage 1: the method ``repro.run`` trains as the teacher when ``method.teacher`` is not given."""
@@ -135,6 +140,7 @@ class MimCo(PretrainMethod):
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
+        # DEVIATION(2): the student is the shared timm ViT, learned positions, timm init, a [MASK] token
         return BackboneOptions(pos_embed="learned", init="timm", mask_token=True)
 
     @property

@@ -16,6 +16,13 @@ Deviations:
    The one difference: the official update at iteration 0 (a no-op, both copies are equal) is skipped.
 2. The position table is MoCo v3's own (row index in the first half, float32), stored in timm's
    ``pos_embed`` with a zero cls row, exactly as ``vits.py`` does; not a deviation in values.
+3. Heads of the shared backbone: MoCo v3's ViT-S (``vits.vit_small``) has 12 heads of width 32; timm's
+   ``vit_small_patch16_224``, which every method here shares so that their exports are comparable, has 6 of
+   width 64. Same width, depth and parameter count; ViT-B (12 heads) is identical.
+
+As the official code: RandomResizedCrop with torchvision's default bilinear interpolation (``main_moco.py``
+passes none), not MAE's bicubic; every trainable tensor weight-decayed (``AdamW(model.parameters())``);
+BatchNorm synchronised across devices.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from repro.config import ConfigError
 from repro.flops import TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp
 from repro.losses import moco_contrastive
-from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import ALL_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.momentum import cosine_momentum, ema_update_, momentum_copy
 from repro.views import BYOL_VIEW1, BYOL_VIEW2, ViewSpec
 
@@ -75,6 +82,7 @@ class MoCoV3Config(MethodConfig):
 class MoCoV3(PretrainMethod):
     name = "mocov3"
     config_cls = MoCoV3Config
+    weight_decay_rule = ALL_DECAY
     cfg: MoCoV3Config
 
     def __init__(self, cfg: MoCoV3Config, backbone: MaskedViT) -> None:
@@ -88,11 +96,15 @@ class MoCoV3(PretrainMethod):
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
+        # DEVIATION(2): MoCo v3's own sin-cos table in timm's pos_embed (zero cls row), values as vits.py
+        # DEVIATION(3): the shared timm ViT's head count (ViT-S: 6, MoCo v3's vits.py: 12)
         return BackboneOptions(pos_embed="sincos_moco", init="moco", freeze_patch_embed=True)
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(count=2, scale=self.cfg.crop_scale, photometric=(BYOL_VIEW1, BYOL_VIEW2))
+        # main_moco.py: transforms.RandomResizedCrop(224, scale=(crop_min, 1.)), torchvision's bilinear default
+        return ViewSpec(count=2, scale=self.cfg.crop_scale, interpolation="bilinear",
+                        photometric=(BYOL_VIEW1, BYOL_VIEW2))
 
     def queries(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
         # both views in one encoder call (the ViT has no batch statistics); the BN heads see each view alone,
@@ -116,6 +128,7 @@ class MoCoV3(PretrainMethod):
 
     def momentum_at(self, step: StepInfo) -> float:
         """Momentum applied after optimizer step ``s``: the schedule's value at iteration s + 1 (Deviation 1)."""
+        # DEVIATION(1): updated after step s with m(s + 1) instead of before step s + 1's keys
         return cosine_momentum(self.cfg.momentum, (step.step + 1) / max(1, step.total_steps))
 
     def after_optimizer_step(self, step: StepInfo) -> None:

@@ -15,6 +15,7 @@ With every token kept in order, ``encode(embed(x))`` is bit-identical to timm's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from repro.config import ModelConfig
 
 PosEmbedKind = Literal["learned", "sincos", "sincos_moco"]
-InitKind = Literal["timm", "mae", "moco"]
+InitKind = Literal["timm", "mae", "moco", "beit"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class BackboneOptions:
     init: InitKind = "timm"
     """'mae' = xavier-uniform Linear and flattened patch projection, cls N(0, 0.02); 'moco' = timm's
     ``weight_init='moco'`` (q, k, v xavier separately) + patch projection U(+-sqrt(6 / (3 p^2 + D))), zero
-    bias, cls N(0, 1e-6) (moco-v3 vits.py); 'timm' = timm's own init."""
+    bias, cls N(0, 1e-6) (moco-v3 vits.py); 'beit' = BEiT's (ConMIM ``modeling_pretrain.py``): every Linear,
+    the patch projection, cls, [MASK] and position tables N(0, 0.02) truncated at +-1 sigma, biases 0, and each
+    block's ``attn.proj`` / ``mlp.fc2`` weights divided by sqrt(2 * layer_id); 'timm' = timm's own init."""
     mask_token: bool = False
     """Create a learned [MASK] token for ``forward_masked`` (BEiT-style methods)."""
     freeze_patch_embed: bool = False
@@ -109,6 +112,28 @@ def init_mae_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+BEIT_INIT_STD = 0.02
+
+
+def beit_trunc_normal_(t: Tensor, std: float = BEIT_INIT_STD) -> Tensor:
+    """BEiT's ``trunc_normal_``: N(0, std) truncated at +-1 std (``a=-std, b=std``), not timm's +-2 absolute."""
+    return timm.layers.trunc_normal_(t, std=std, a=-std, b=std)
+
+
+def init_beit_(module: nn.Module) -> None:
+    """BEiT's ``_init_weights`` over ``module``: Linear and Conv2d weights truncated normal, biases 0, LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            beit_trunc_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class MaskedViT(nn.Module):
     """A timm VisionTransformer (``self.vit``) with visible-token and mask-token paths."""
 
@@ -151,6 +176,14 @@ class MaskedViT(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             if vit.patch_embed.proj.bias is not None:
                 nn.init.zeros_(vit.patch_embed.proj.bias)
+        elif options.init == "beit":
+            beit_trunc_normal_(self._pos)
+            beit_trunc_normal_(self._cls)
+            init_beit_(vit)
+            with torch.no_grad():  # BEiT's fix_init_weight: "rescale(param, layer_id)" with layer_id = i + 1
+                for i, blk in enumerate(vit.blocks):
+                    blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))  # type: ignore[union-attr, operator]
+                    blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))  # type: ignore[union-attr, operator]
         if options.pos_embed in ("sincos", "sincos_moco"):
             table = (mae_sincos_pos_embed(self.grid_size, self.embed_dim) if options.pos_embed == "sincos"
                      else moco_sincos_pos_embed(self.grid_size, self.embed_dim))
@@ -161,7 +194,10 @@ class MaskedViT(nn.Module):
         self.mask_token: nn.Parameter | None = None
         if options.mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-            nn.init.normal_(self.mask_token, std=0.02)
+            if options.init == "beit":
+                beit_trunc_normal_(self.mask_token)
+            else:
+                nn.init.normal_(self.mask_token, std=0.02)
 
     @property
     def _pos(self) -> Tensor:

@@ -233,6 +233,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: cannot use {value!r} as {' | '.join(_type_name(a) for a in args)}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if origin is tuple:
         (elem, *rest) = typing.get_args(tp)
         items = value if isinstance(value, (tuple, list)) else [v for v in str(value).strip("()[] ").split(",") if v]

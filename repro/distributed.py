@@ -174,12 +174,12 @@ def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """DDP on more than one process (BatchNorm synchronised across ranks for methods whose heads use it), else
-    the module itself."""
+def wrap_ddp(module: nn.Module, device: torch.device, *, sync_bn: bool = True) -> nn.Module:
+    """DDP on more than one process, else the module itself. ``sync_bn``: BatchNorm statistics span every rank
+    (what MoCo v3's code does); False keeps them per device (ConMIM's code)."""
     if not is_initialized():
         return module
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+    if sync_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
         module = convert_sync_bn(module, device)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

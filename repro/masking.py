@@ -131,12 +131,13 @@ def random_block_mask(batch: int, grid: int, block: int, mask_ratio: float,
                       generator: torch.Generator | None = None) -> Tensor:
     """Random masking of ``block`` x ``block``-patch squares (ConMIM ViT-L: 32-px blocks of 16-px patches).
 
-    ``int(cells * mask_ratio)`` of the (grid / block)^2 cells are masked per sample -> (B, N) bool.
+    ``ceil(cells * mask_ratio)`` of the (grid / block)^2 cells are masked per sample (ConMIM's ``MaskGenerator``:
+    ``int(np.ceil(token_count * mask_ratio))``) -> (B, N) bool.
     """
     if grid % block:
         raise ValueError(f"patch grid {grid} is not divisible by the mask block {block}")
     cells = grid // block
-    n_mask = int(cells * cells * mask_ratio)
+    n_mask = math.ceil(cells * cells * mask_ratio)
     order = torch.argsort(torch.rand(batch, cells * cells, generator=generator), dim=1)
     coarse = torch.zeros(batch, cells * cells, dtype=torch.bool).scatter_(1, order[:, :n_mask], True)
     fine = coarse.view(batch, cells, 1, cells, 1).expand(batch, cells, block, cells, block)

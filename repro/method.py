@@ -45,6 +45,34 @@ class StepOutput(NamedTuple):
     keys starting with ``aux/`` are monitors that are not part of the loss."""
 
 
+@dataclass(frozen=True)
+class WeightDecayRule:
+    """Which trainable parameters AdamW decays. Each official code has its own (METHODS.md, "Optimizer"), and the
+    difference is not small: decaying LayerNorm gains or the cls token pulls them towards 0 every step."""
+
+    skip_1d_and_bias: bool
+    """Tensors with one dimension (norm gains and biases, BN affine) and names ending in ``.bias`` are not decayed
+    (timm's ``add_weight_decay``, BEiT's ``get_parameter_groups``). False: every trainable tensor is decayed."""
+    skip_names: tuple[str, ...] = ()
+    """Further parameters (our names) not decayed: BEiT's ``no_weight_decay()`` list."""
+    source: str = ""
+    """The official code this rule reproduces."""
+
+    def decays(self, name: str, param: Tensor) -> bool:
+        if name in self.skip_names:
+            return False
+        return not (self.skip_1d_and_bias and (param.ndim == 1 or name.endswith(".bias")))
+
+
+MAE_DECAY = WeightDecayRule(True, source="MAE and OCL main_pretrain.py: optim_factory.add_weight_decay(model, wd), "
+                                         "no skip list (cls_token and mask_token are decayed)")
+ALL_DECAY = WeightDecayRule(False, source="moco-v3 main_moco.py: torch.optim.AdamW(model.parameters(), "
+                                          "weight_decay=args.weight_decay) (biases, norms, BN, cls_token decayed)")
+BEIT_DECAY = WeightDecayRule(True, skip_names=("backbone.vit.pos_embed", "backbone.vit.cls_token"),
+                             source="ConMIM optim_factory.get_parameter_groups with the model's no_weight_decay() = "
+                                    "{pos_embed, cls_token} (mask_token is decayed)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig:
     """Optimisation defaults every method states from its paper (subclasses override the values)."""
@@ -56,7 +84,7 @@ class MethodConfig:
     lr_is_absolute: bool = False
     """True when the paper gives an absolute lr (no batch scaling)."""
     weight_decay: float = 0.05
-    """AdamW weight decay (not applied to biases, norms, position embeddings, cls/mask tokens)."""
+    """AdamW weight decay, on the parameters the method's :class:`WeightDecayRule` selects."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     warmup_epochs: float = 40.0
@@ -81,6 +109,10 @@ class PretrainMethod(nn.Module):
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    weight_decay_rule: ClassVar[WeightDecayRule]
+    """Which parameters AdamW decays, as the official code does (no default: each method states its own)."""
+    sync_batchnorm: ClassVar[bool] = True
+    """Whether BatchNorm statistics span every device under DDP (MoCo v3 converts to SyncBN; ConMIM does not)."""
 
     def __init__(self, cfg: MethodConfig, backbone: MaskedViT) -> None:
         super().__init__()

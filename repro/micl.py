@@ -12,10 +12,13 @@ the two cls outputs under the t-distributed spherical similarity. No projector, 
 reconstruction or colour augmentation.
 
 Deviations:
-1. Negatives come from groups of ``loss_group_size`` images (default 1800, the official per-GPU batch), so
-   the objective is the official 4 x 1800 one whatever the number of devices; with ``loss_group_size=None``
-   the whole per-device batch is one group. Official: the per-device batch, whatever its size. Identical
-   when the per-device batch is 1800.
+1. Negatives come from groups of ``loss_group_size`` consecutive images of the global batch (default 1800,
+   the official per-GPU batch), so the objective is the official 4 x 1800 one whatever the number of devices:
+   8 devices x 900 put each group on 2 devices, whose features are gathered (with gradient) for it; 2 x 3600
+   hold 2 groups each. A global batch below the group size is one group; group sizes that would straddle
+   devices unevenly (neither the group nor the per-device batch a multiple of the other) are refused. With
+   ``loss_group_size=None`` the whole per-device batch is one group. Official: the per-device batch, whatever
+   its size. Identical when the per-device batch is 1800.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from repro.config import ConfigError
 from repro.flops import TRAIN, embed_train_flops, encoder_flops
 from repro.losses import symmetric_tsp_info_nce
 from repro.masking import draw_noise, len_keep_even, random_masking
-from repro.method import Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import MAE_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
 from repro.views import ViewSpec
 
 
@@ -79,6 +82,8 @@ class MiCLConfig(MethodConfig):
 class MiCL(PretrainMethod):
     name = "micl"
     config_cls = MiCLConfig
+    # OCL is MAE's main_pretrain.py: timm add_weight_decay, no skip list
+    weight_decay_rule = MAE_DECAY
     cfg: MiCLConfig
 
     def __init__(self, cfg: MiCLConfig, backbone) -> None:
@@ -117,13 +122,37 @@ class MiCL(PretrainMethod):
             loss = symmetric_tsp_info_nce(a, b, kappa=c.kappa, temperature=c.temperature, a_all=a_all, b_all=b_all,
                                           offset=offset)
         else:
-            group = c.loss_group_size or a.shape[0]
-            # DEVIATION(1): per-group negatives reproduce the official per-GPU batch; groups weighted by size
-            loss = sum(symmetric_tsp_info_nce(ga, gb, kappa=c.kappa, temperature=c.temperature) * ga.shape[0]
-                       for ga, gb in zip(a.split(group), b.split(group), strict=True)) / a.shape[0]
+            loss = self.grouped_loss(a, b)
         with torch.no_grad():
             cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
         return StepOutput(loss, {"infonce_tsp": loss.detach(), "aux/pos_cosine": cos})
+
+    def group_size(self, local_batch: int, world: int) -> int:
+        """Images per InfoNCE group for this device layout (Deviation 1); raises ConfigError when not exact."""
+        total = local_batch * world
+        if self.cfg.loss_group_size is None:
+            return local_batch
+        group = min(self.cfg.loss_group_size, total)
+        if total % group or (local_batch % group and group % local_batch):
+            raise ConfigError(f"method.loss_group_size={self.cfg.loss_group_size}: the global batch {total} on {world} "
+                              f"device(s) ({local_batch} each) does not split into equal groups of {group} that "
+                              "each lie on one device or on whole devices; pick a group size dividing both")
+        return group
+
+    def grouped_loss(self, a: Tensor, b: Tensor) -> Tensor:
+        """Mean over groups of the t-SP InfoNCE, each group's negatives its own images only (Deviation 1)."""
+        c, local = self.cfg, a.shape[0]
+        world = distributed.world_size()
+        group = self.group_size(local, world)
+        if group <= local:  # DEVIATION(1): whole groups on this device
+            parts = [symmetric_tsp_info_nce(ga, gb, kappa=c.kappa, temperature=c.temperature)
+                     for ga, gb in zip(a.split(group), b.split(group), strict=True)]
+            return parts[0] if len(parts) == 1 else torch.stack(parts).mean()
+        # DEVIATION(1): a group spans group // local devices: gather its rows; this device's rows are the queries
+        start = distributed.rank() * local // group * group
+        a_all, b_all = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+        return symmetric_tsp_info_nce(a, b, kappa=c.kappa, temperature=c.temperature, a_all=a_all[start:start + group],
+                                      b_all=b_all[start:start + group], offset=distributed.rank() * local - start)
 
     def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
         return {"noise": torch.rand(batch_size, self.backbone.num_patches, generator=generator)}

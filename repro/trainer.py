@@ -1,6 +1,6 @@
 """The one training loop every method runs through.
 
-bf16 autocast on CUDA (fp32 on CPU); AdamW (fused on CUDA) or LARS with the no-decay rule; per-iteration
+bf16 autocast on CUDA (fp32 on CPU); AdamW (fused on CUDA) or LARS with the method's weight-decay rule; per-iteration
 linear warmup then half-cycle cosine; optional gradient clipping; a non-finite-loss guard; periodic atomic
 checkpoints and automatic resume; tqdm on rank 0; JSONL metrics. The hot path has no host sync: losses
 are accumulated on the device and read only at logging steps.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import Lars, param_groups_weight_decay
+from timm.optim import Lars
 from torch import nn
 from tqdm import tqdm
 
@@ -43,14 +43,12 @@ from repro.checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
-from repro.config import RunConfig
+from repro.config import ConfigError, RunConfig
 from repro.data import DatasetSplits, StepSampler, make_batch_source
 from repro.distributed import DistInfo
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 
 log = logging.getLogger(__name__)
-
-NO_DECAY_LEAVES = ("pos_embed", "cls_token", "mask_token", "reg_token", "dist_token")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -125,14 +123,20 @@ def resolve_hparams(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def no_decay_names(module: nn.Module) -> list[str]:
-    return [n for n, _ in module.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_LEAVES]
+def weight_decay_groups(method: PretrainMethod, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups, decayed or not by the method's declared :class:`WeightDecayRule`."""
+    rule = getattr(method, "weight_decay_rule", None)
+    if rule is None:
+        raise ConfigError(f"method {method.name!r} declares no weight_decay_rule (see repro.method.WeightDecayRule)")
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if rule.decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not rule.decays(n, p)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
-def build_optimizer(method: nn.Module, cfg: RunConfig, plan: Plan, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (or LARS) over trainable parameters; no weight decay on biases, norms, position embeddings, tokens."""
-    groups = param_groups_weight_decay(method, plan.weight_decay, no_weight_decay_list=no_decay_names(method))
-    groups = [g for g in groups if g["params"]]
+def build_optimizer(method: PretrainMethod, cfg: RunConfig, plan: Plan, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or LARS) over the trainable parameters, weight decay on those the method's rule selects."""
+    groups = weight_decay_groups(method, plan.weight_decay)
     if cfg.train.optimizer == "lars":
         return Lars(groups, lr=plan.lr, momentum=0.9)
     fused = device.type == "cuda"
@@ -203,7 +207,7 @@ class Trainer:
         self.sampler = StepSampler(len(data.train), self.hp["global_batch"], cfg.seed, dist.rank, dist.world_size)
         size = method.backbone.img_size
         self.source = make_batch_source(data, method.views, size, self.sampler, self.device, cfg.data)
-        self.model: nn.Module = distributed.wrap_ddp(method, self.device)
+        self.model: nn.Module = distributed.wrap_ddp(method, self.device, sync_bn=method.sync_batchnorm)
         if cfg.train.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.autocast = self.device.type == "cuda" and cfg.train.amp

@@ -7,6 +7,7 @@ import timm
 import torch
 
 from repro.checkpoint import load_strict
+from repro.config import ConfigError
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
 from tests.conftest import build_method
@@ -133,6 +134,17 @@ def test_micl_matches_an_independent_implementation():
                       + torch.nn.functional.cross_entropy(tsp(b @ a.t()), lab))
     got = m(batch, StepInfo(0, 1), noise=noise).loss
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_micl_refuses_loss_groups_that_cannot_be_exact():
+    _, m = build_method("micl", **{"method.loss_group_size": 3})
+    with pytest.raises(ConfigError, match="loss_group_size=3"):
+        m(_batch(m, b=8), StepInfo(0, 1))
+    _, m = build_method("micl", **{"method.loss_group_size": 1800})
+    assert (m.group_size(900, 8), m.group_size(3600, 2), m.group_size(1800, 4), m.group_size(64, 2)) == \
+        (1800, 1800, 1800, 128)  # 2 devices a group; 2 groups a device; the official layout; below one group
+    with pytest.raises(ConfigError):
+        m.group_size(1000, 4)  # 4000 images do not split into groups of 1800
 
 
 def test_micl_loss_groups_reproduce_per_device_negatives():

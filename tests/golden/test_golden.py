@@ -125,13 +125,10 @@ def test_first_losses_match_golden(method, tmp_path):
     losses = [x["loss"] for x in logs]
     assert len(losses) == STEPS
     check_against_golden(method, losses, torch.float32)
-    if method == "conmim":
-        # 64-way patch discrimination against an EMA teacher starts at chance and moves slowly (4.30 -> 4.10 in
-        # 70 steps of batch 128): check instead that it is the 64-way cross-entropy it should be
-        assert abs(losses[0] - math.log(64)) < 0.3
-    else:
-        signal = [x[LEARNING_SIGNAL.get(method, "loss")] for x in logs]
-        assert signal[-1] < signal[0]  # it learns something in 20 steps
+    if method == "conmim":  # a 64-way patch cross-entropy: at most chance at the start (3.63 with BEiT's init)
+        assert losses[0] < math.log(64) + 0.3
+    signal = [x[LEARNING_SIGNAL.get(method, "loss")] for x in logs]
+    assert signal[-1] < signal[0]  # it learns something in 20 steps
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

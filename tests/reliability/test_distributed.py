@@ -38,7 +38,11 @@ GLOBAL_BATCH, STEPS, WORLD = 8, 3, 2
 CPU = torch.device("cpu")
 # (id, method, overrides): MoCo v3 gathers keys across ranks and synchronises BatchNorm; MiCL with gathered
 # negatives gathers features; MAE has no cross-rank term (DDP's gradient mean alone)
-METHODS = [("mocov3", "mocov3", {}), ("mae", "mae", {}), ("micl-gather", "micl", {"method.gather_negatives": True})]
+# MiCL's loss groups (the official per-GPU batch as one InfoNCE): a group spanning both ranks (its features gathered)
+# and two groups on each rank must give the 1-process objective on the global batch
+METHODS = [("mocov3", "mocov3", {}), ("mae", "mae", {}), ("micl-gather", "micl", {"method.gather_negatives": True}),
+           ("micl-group-spans-ranks", "micl", {"method.loss_group_size": 8}),
+           ("micl-groups-within-ranks", "micl", {"method.loss_group_size": 2})]
 # float64 sums in another order: measured (this comparison under
 # ATEN_CPU_CAPABILITY=default, avx2, avx512) at most 3.2e-15 relative in a loss and 1.1e-14 absolute in a weight
 # (MoCo v3; MAE and MiCL 4e-16 / 2e-16). The tolerances keep a ~100x margin above that; a float32 layer
@@ -93,8 +97,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     info = distributed.init("cpu", timeout_s=60)
     assert (info.rank, info.world_size, info.backend) == (rank, WORLD, "gloo")
     try:
-        results = {mid: train_steps(name, over, rank, WORLD, lambda m: distributed.wrap_ddp(m, CPU))
-                   for mid, name, over in METHODS}
+        def wrap(m):
+            return distributed.wrap_ddp(m, CPU, sync_bn=m.sync_batchnorm)
+
+        results = {mid: train_steps(name, over, rank, WORLD, wrap) for mid, name, over in METHODS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         distributed.shutdown()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from repro.distributed import CpuSyncBatchNorm, convert_sync_bn
+from repro.distributed import CpuSyncBatchNorm, convert_sync_bn, wrap_ddp
 
 
 def _data():
@@ -29,6 +29,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         (y * w[rank * 4:(rank + 1) * 4]).sum().backward()
         torch.save({"y": y.detach(), "gx": xs.grad, "gw": bn.weight.grad, "rm": bn.running_mean,
                     "rv": bn.running_var}, os.path.join(out_dir, f"r{rank}.pt"))
+        # the layer keeps its dtype (a float64 model stays float64), and a method whose official code keeps BN
+        # statistics per device (ConMIM) gets no conversion
+        bn64 = convert_sync_bn(nn.Sequential(nn.BatchNorm1d(5).double()), torch.device("cpu"))[0]
+        assert isinstance(bn64, CpuSyncBatchNorm) and bn64.weight.dtype == bn64.running_var.dtype == torch.float64
+        head = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5))
+        assert type(wrap_ddp(head, torch.device("cpu"), sync_bn=False).module[1]) is nn.BatchNorm1d
+        assert isinstance(wrap_ddp(head, torch.device("cpu"), sync_bn=True).module[1], CpuSyncBatchNorm)
         dist.barrier()  # both ranks done before teardown (gloo threads torn down mid-send abort the process)
     finally:
         dist.destroy_process_group()

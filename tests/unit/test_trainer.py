@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from repro.config import ConfigError
 from repro.data import load_data
 from repro.distributed import DistInfo
 from repro.trainer import NonFiniteLoss, Plan, Trainer, build_optimizer, lr_at
@@ -25,17 +26,61 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(lr_at(s, p) >= lr_at(s + 1, p) for s in range(10, 99))
 
 
-def test_no_weight_decay_rule():
-    cfg, m = build_method("mae")
+# Hand-written from each official code (METHODS.md, "Optimizer"): parameters that must be decayed, must not be
+# decayed, or must not be optimised at all (frozen). Names at the tiny recipe's depth.
+_ENC_W = ["backbone.vit.patch_embed.proj.weight", "backbone.vit.blocks.0.attn.qkv.weight",
+          "backbone.vit.blocks.1.mlp.fc2.weight"]
+_ENC_1D = ["backbone.vit.blocks.0.norm1.weight", "backbone.vit.blocks.0.attn.qkv.bias",
+           "backbone.vit.blocks.1.mlp.fc1.bias", "backbone.vit.norm.weight", "backbone.vit.norm.bias"]
+DECAY_SETS = {
+    # MAE / OCL: timm add_weight_decay without skip list: 1-D and .bias not decayed, cls/mask tokens decayed
+    "mae": (_ENC_W + ["backbone.vit.cls_token", "decoder.mask_token", "decoder.embed.weight", "decoder.pred.weight"],
+            _ENC_1D + ["decoder.norm.weight", "decoder.embed.bias"], ["backbone.vit.pos_embed"]),
+    "micl": (_ENC_W + ["backbone.vit.cls_token"], _ENC_1D, ["backbone.vit.pos_embed"]),
+    # MoCo v3: AdamW(model.parameters()): everything trainable decayed, BN affine and biases included
+    "mocov3": (_ENC_W[1:] + _ENC_1D + ["backbone.vit.cls_token", "projector.0.weight", "projector.1.weight",
+                                       "projector.1.bias", "predictor.1.weight", "predictor.1.bias"], [],
+               ["backbone.vit.pos_embed", "backbone.vit.patch_embed.proj.weight", "momentum_backbone.vit.cls_token",
+                "momentum_projector.0.weight"]),
+    # ConMIM (BEiT get_parameter_groups + no_weight_decay {pos_embed, cls_token}): the [MASK] token is decayed
+    "conmim": (_ENC_W + ["backbone.mask_token", "projector.0.weight", "projector.3.weight"],
+               _ENC_1D + ["backbone.vit.pos_embed", "backbone.vit.cls_token", "projector.1.weight",
+                          "projector.1.bias"],
+               ["teacher_backbone.vit.cls_token", "teacher_projector.0.weight"]),
+    # MimCo (no code; assumption 7): BEiT's rule
+    "mimco": (_ENC_W + ["backbone.mask_token", "patch_head.0.weight", "image_head.0.weight"],
+              _ENC_1D + ["backbone.vit.pos_embed", "backbone.vit.cls_token", "patch_head.0.bias",
+                         "image_head.1.weight"], []),
+    # MACRL (no code; assumption 6): MAE's rule
+    "macrl": (_ENC_W + ["backbone.vit.cls_token", "decoders.0.mask_token", "projector.0.weight"],
+              _ENC_1D + ["projector.0.bias", "decoders.1.norm.weight"], ["backbone.vit.pos_embed"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(DECAY_SETS))
+def test_each_method_decays_what_its_official_code_decays(method):
+    cfg, m = build_method(method)
     opt = build_optimizer(m, cfg, plan(), torch.device("cpu"))
-    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {id(p): n for n, p in m.named_parameters()}
-    decayed = {names[i] for i in decay}
-    assert "backbone.vit.blocks.0.attn.qkv.weight" in decayed
-    for n in ("backbone.vit.cls_token", "decoder.mask_token", "backbone.vit.blocks.0.norm1.weight",
-              "backbone.vit.blocks.0.attn.qkv.bias"):
-        assert n not in decayed
-    assert "backbone.vit.pos_embed" not in names.values() or not m.backbone.vit.pos_embed.requires_grad
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    not_decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(g["weight_decay"] in (0.0, 0.05) for g in opt.param_groups)
+    want_decay, want_no_decay, frozen = DECAY_SETS[method]
+    all_names = set(names.values())
+    for n in want_decay + want_no_decay + frozen:
+        assert n in all_names, f"{method}: no parameter {n} (renamed? update the list)"
+    assert set(want_decay) <= decayed, f"{method}: not decayed but should be: {set(want_decay) - decayed}"
+    assert set(want_no_decay) <= not_decayed, f"{method}: decayed but should not be: {set(want_no_decay) & decayed}"
+    assert not set(frozen) & (decayed | not_decayed), f"{method}: frozen tensors optimised"
+    if method == "mocov3":
+        assert not not_decayed  # every trainable tensor decayed
+
+
+def test_a_method_without_a_weight_decay_rule_is_refused():
+    cfg, m = build_method("mae")
+    m.weight_decay_rule = None  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="weight_decay_rule"):
+        build_optimizer(m, cfg, plan(), torch.device("cpu"))
 
 
 def _trainer(tmp_path, method="micl", budget="12steps", **over):
