@@ -16,8 +16,9 @@ With every token kept in order, ``encode(embed(x))`` is bit-identical to timm's 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -98,18 +99,24 @@ def patchify(imgs: Tensor, patch_size: int) -> Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def init_mae_(module: nn.Module) -> None:
-    """MAE's ``_init_weights``: xavier-uniform Linear weights, zero biases, LayerNorm (1, 0)."""
+def _init_layers_(module: nn.Module, weight_init: Callable[[Tensor], Any], kinds: tuple[type[nn.Module], ...]) -> None:
+    """An official ``_init_weights`` over ``module``: ``weight_init`` on the weights of ``kinds``, zero biases,
+    LayerNorm (1, 0)."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        if isinstance(m, kinds):
+            weight_init(m.weight)  # type: ignore[arg-type]
+            if m.bias is not None:  # type: ignore[union-attr]
+                nn.init.zeros_(m.bias)  # type: ignore[arg-type]
         elif isinstance(m, nn.LayerNorm):
             if m.weight is not None:
                 nn.init.ones_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def init_mae_(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: xavier-uniform Linear weights, zero biases, LayerNorm (1, 0)."""
+    _init_layers_(module, nn.init.xavier_uniform_, (nn.Linear,))
 
 
 BEIT_INIT_STD = 0.02
@@ -121,17 +128,8 @@ def beit_trunc_normal_(t: Tensor, std: float = BEIT_INIT_STD) -> Tensor:
 
 
 def init_beit_(module: nn.Module) -> None:
-    """BEiT's ``_init_weights`` over ``module``: Linear and Conv2d weights truncated normal, biases 0, LayerNorm 1/0."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear | nn.Conv2d):
-            beit_trunc_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    """BEiT's ``_init_weights``: Linear and Conv2d weights truncated normal (+-1 sigma), biases 0, LayerNorm (1, 0)."""
+    _init_layers_(module, beit_trunc_normal_, (nn.Linear, nn.Conv2d))
 
 
 class MaskedViT(nn.Module):
