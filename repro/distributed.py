@@ -122,9 +122,8 @@ class CpuSyncBatchNorm(nn.BatchNorm1d):
 
     The row count and sum of x, then the sum of squared deviations from the global mean, are all-reduced with
     autograd (``torch.distributed.nn``), so the forward and backward equal one BatchNorm over the concatenated
-    global batch. Two passes, not E[x^2] - mean^2: that one-pass variance cancels catastrophically when
-    mean^2 >> var (MoCo v3's projector inputs), which put a 2-rank run ~6e-9 (float64) / ~4e-5 (float32) from
-    the 1-process one. Running statistics use the unbiased global variance, like ``nn.SyncBatchNorm``.
+    global batch. Two passes, not E[x^2] - mean^2, which cancels when mean^2 >> var. Running statistics use the
+    unbiased global variance, like ``nn.SyncBatchNorm``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,11 +157,10 @@ def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm1d) and not isinstance(child, CpuSyncBatchNorm):
-            like = next(iter(child.state_dict().values()), None)  # keep the layer's dtype and device
-            factory = {"dtype": like.dtype, "device": like.device} if like is not None and like.is_floating_point() \
-                else {}
+            like = child.weight if child.affine else child.running_mean  # keep the layer's dtype and device
             new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats, **factory)
+                                   child.track_running_stats, device=None if like is None else like.device,
+                                   dtype=None if like is None else like.dtype)
             new.load_state_dict(child.state_dict())
             new.train(child.training)
             new.requires_grad_(any(p.requires_grad for p in child.parameters()) if child.affine else False)

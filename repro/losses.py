@@ -105,7 +105,6 @@ def info_nce(q: Tensor, k: Tensor, temperature: float, offset: int = 0) -> Tenso
     return F.cross_entropy(logits, labels)
 
 
-@full_precision
 def moco_contrastive(q: Tensor, k_all: Tensor, temperature: float, offset: int = 0) -> Tensor:
     """MoCo v3 ``contrastive_loss``: ``CE(q^ k^_all^T / T, arange(B) + offset) * 2T``.
 

@@ -128,9 +128,12 @@ def weight_decay_groups(method: PretrainMethod, weight_decay: float) -> list[dic
     rule = getattr(method, "weight_decay_rule", None)
     if rule is None:
         raise ConfigError(f"method {method.name!r} declares no weight_decay_rule (see repro.method.WeightDecayRule)")
-    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if rule.decays(n, p)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if not rule.decays(n, p)], "weight_decay": 0.0}]
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for n, p in method.named_parameters():
+        if p.requires_grad:
+            (decay if rule.decays(n, p) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
