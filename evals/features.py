@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from repro.checkpoint import ExportMeta, load_export
 from repro.config import EvalConfig
-from repro.data import DatasetSplits, Split, eval_batches
+from repro.data import DatasetSplits, Split, balanced_subset, eval_batches
 from repro.records import ResultRecord, git_revision, now_iso
 
 
@@ -47,7 +47,8 @@ class EvalContext:
         if key not in self._cache:
             model, meta = load_export(Path(export_dir))
             model.to(self.device)
-            feats = Features(*extract(model, self.data.train, meta, self, "train"),
+            train = balanced_subset(self.data.train, self.cfg.train_subset)
+            feats = Features(*extract(model, train, meta, self, "train"),
                              *extract(model, self.data.test, meta, self, "test"), self.data.num_classes)
             self._cache = {key: (feats, meta)}  # one export at a time keeps memory flat
         return self._cache[key]
@@ -78,6 +79,13 @@ def model_label(name: str, timm_kwargs: dict) -> str:
     if "depth" in timm_kwargs:
         parts.append(f"d{timm_kwargs['depth']}")
     return " ".join(parts)
+
+
+def subset_note(ctx: EvalContext) -> str:
+    """What the frozen-feature protocols trained on, when ``eval.train_subset`` shrank it ('' otherwise)."""
+    if 0 < ctx.cfg.train_subset < len(ctx.data.train):
+        return f"; train = a fixed class-balanced {ctx.cfg.train_subset} of {len(ctx.data.train)} images"
+    return ""
 
 
 def make_record(ctx: EvalContext, meta: ExportMeta, eval_name: str, metric: str, value: float, selection: str,

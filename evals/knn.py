@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evals.features import EvalContext, make_record
+from evals.features import EvalContext, make_record, subset_note
 from repro.records import ResultRecord
 
 
@@ -39,7 +39,7 @@ def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     f, meta = ctx.features(export_dir)
     pred = knn_predict(f.train_x, f.train_y, f.test_x, f.num_classes, ctx.cfg.knn_k, ctx.cfg.knn_temperature)
     acc = (pred == f.test_y).float().mean().item() * 100
-    rule = f"k={ctx.cfg.knn_k}, T={ctx.cfg.knn_temperature} fixed (DINO protocol); nothing selected"
+    rule = f"k={ctx.cfg.knn_k}, T={ctx.cfg.knn_temperature} fixed (DINO protocol); nothing selected" + subset_note(ctx)
     return [make_record(ctx, meta, "knn", "top1", acc, rule, time.perf_counter() - t0)]
 
 

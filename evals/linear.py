@@ -25,7 +25,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import Tensor, nn
 
-from evals.features import EvalContext, make_record
+from evals.features import EvalContext, make_record, subset_note
 from repro.config import EvalConfig
 from repro.records import ResultRecord
 
@@ -112,7 +112,7 @@ def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     test_acc = accuracies(final, f.test_x, f.test_y)[0]
     rule = (f"base_lr {blr} chosen from {list(cfg.linear_base_lrs)} on a {cfg.holdout_fraction:.0%} held-out slice "
             f"of train (held-out top1 {val_acc[best]:.2f}); retrained on all train, last epoch; cached "
-            "centre-crop features (no probe augmentation)")
+            "centre-crop features (no probe augmentation)" + subset_note(ctx))
     return [make_record(ctx, meta, "linear", "top1", test_acc, rule, time.perf_counter() - t0)]
 
 

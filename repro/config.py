@@ -141,6 +141,10 @@ class EvalConfig:
     """Slice of train held out to select the linear-probe learning rate."""
     feature_batch_size: int = 256
     """Batch for frozen feature extraction."""
+    train_subset: int = 0
+    """kNN bank and linear-probe training set: 0 = the whole training split; N = a class-balanced subset of N
+    training images, fixed by the dataset alone (same images for every export and seed). The test split is always
+    used whole. A CPU saving: frozen features cost a forward pass per image."""
     finetune_recipe: str = "vit-b"
     """Named fine-tune recipe in ``evals.finetune.FINETUNE_RECIPES``: vit-b, vit-l (MAE protocol) or small32."""
     finetune_epochs: float | None = None
@@ -170,6 +174,8 @@ class EvalConfig:
                               "reverse)")
         if not self.linear_base_lrs:
             raise ConfigError("eval.linear_base_lrs must not be empty")
+        if self.train_subset < 0:
+            raise ConfigError("eval.train_subset must be >= 0 (0 = the whole training split)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -465,6 +465,26 @@ def make_batch_source(data: DatasetSplits, spec: ViewSpec, size: int, sampler: S
                              cfg.bad_images)
 
 
+def balanced_subset(split: Split, n: int) -> Split:
+    """A class-balanced subset of ``n`` images (``n // classes`` per class, the rest to the first classes), drawn
+    with a fixed generator so it depends on the split alone; ``n`` = 0 or >= the split's size returns it whole."""
+    if n <= 0 or n >= len(split):
+        return split
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(split), generator=g)
+    labels = split.labels[order]
+    k = len(split.classes)
+    quota = torch.full((k,), n // k, dtype=torch.long)
+    quota[: n % k] += 1
+    keep = []
+    for c in range(k):
+        keep.append(order[labels == c][: int(quota[c])])
+    idx = torch.cat(keep).sort().values
+    if isinstance(split, TensorImages):
+        return TensorImages(split.images[idx], split.labels[idx], split.classes, split.skipped)
+    return FileImages([split.paths[i] for i in idx.tolist()], split.labels[idx], split.classes, split.skipped)
+
+
 def eval_batches(split: Split, size: int, mean, std, batch_size: int, device: torch.device,
                  num_workers: int = 4) -> Iterator[tuple[Tensor, Tensor]]:
     """Deterministic evaluation views (resize/centre-crop + normalise) of a whole split, in order."""

@@ -30,10 +30,14 @@ class StepInfo(NamedTuple):
     step: int
     """0-based index of the optimizer step being computed."""
     total_steps: int
-    """The run's fixed step count (from the calibrated budget)."""
+    """The run's step count (from the budget; the latest re-plan's for a wall-clock budget)."""
+    replanned_progress: float | None = None
+    """Set by the trainer once a wall-clock run has re-planned: the schedule's progress, continued smoothly."""
 
     @property
     def progress(self) -> float:
+        if self.replanned_progress is not None:
+            return self.replanned_progress
         return self.step / max(1, self.total_steps)
 
 

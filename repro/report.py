@@ -104,6 +104,23 @@ def eval_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
     return out
 
 
+BUDGET_TOLERANCE = 0.05
+"""A wall-clock run whose pre-training time is further than this from its budget is flagged in the tables."""
+
+
+def budget_misses(pre: pd.DataFrame) -> list[str]:
+    """One line per seed whose wall-clock pre-training missed its budget by more than :data:`BUDGET_TOLERANCE`."""
+    out = []
+    for _, r in pre.sort_values("seed").iterrows():
+        b, t = r.get("budget_seconds"), r.get("pretrain_seconds")
+        if b is None or t is None or pd.isna(b) or pd.isna(t) or not b:
+            continue
+        miss = t / b - 1.0
+        if abs(miss) > BUDGET_TOLERANCE:
+            out.append(f"seed {r['seed']} pre-trained {t:.1f}s of a {b:.0f}s budget ({miss:+.0%})")
+    return out
+
+
 def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     """One dataset's rows -> the comparison table (strings, ready to print); ``note`` holds pre-training notes."""
     rows = []
@@ -127,7 +144,7 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
         for e, m in cols:
             row[f"{e} {m}"] = _fmt(g[(g["eval"] == e) & (g["metric"] == m)]["value"], seeds)
         notes = pre.sort_values("seed")["note"].fillna("") if "note" in pre else pd.Series([], dtype=str)
-        row["note"] = "; ".join(dict.fromkeys(n for n in notes if n))
+        row["note"] = "; ".join(dict.fromkeys([*(n for n in notes if n), *budget_misses(pre)]))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
@@ -528,9 +545,18 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
         index += ["", "## Unreadable record lines", ""]
         index += [f"- {Path(p.path).name}:{p.line}: {p.reason}" for p in problems]
     index_path = results_dir / "README.md"
+    about = [results_dir / n for n in ABOUT_FILES if (results_dir / n).is_file()]
+    head = [p.read_text().rstrip("\n") + "\n" for p in about]
+    if head:
+        index = [*head, f"*The sections above are {', '.join(p.name for p in about)}; what follows is generated.*",
+                 "", *index]
     atomic_write_text(index_path, "\n".join(index).rstrip("\n") + "\n")
     written.append(index_path)
     return written
+
+
+ABOUT_FILES = ("NOTES.md", "claims.md")
+"""Hand-written notes and generated claims placed, in this order, at the top of a results directory's README."""
 
 
 def report_problems(problems: list[ReadProblem]) -> None:

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from repro import distributed
-from repro.budget import Budget, BudgetError, Calibration, parse_budget, steps_for_budget
+from repro.budget import Budget, BudgetError, Calibration, format_seconds, parse_budget, steps_for_budget
 from repro.checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -78,10 +78,51 @@ class Plan:
     calibration_steps: int
     calibration_seconds: float
     flops_per_image: float | None
+    revisions: tuple[tuple[int, int], ...] = ()
+    """Wall-clock budgets only: (step, new total_steps) each time the remaining steps were re-planned from the
+    measured speed (:data:`REPLAN_AT`). ``total_steps`` is the latest total; the first plan's is
+    :attr:`planned_steps`. A resumed run replays these, so its schedule is the one the run had."""
+    planned_steps: int = 0
+    """The total of the first plan (before any revision); 0 in plans written before revisions existed."""
 
     @property
     def epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
+
+    @property
+    def first_total(self) -> int:
+        return self.planned_steps or self.total_steps
+
+
+REPLAN_AT = (0.1, 0.25, 0.5, 0.75, 0.9)
+"""Fractions of the planned steps at which a wall-clock run re-plans its remaining steps from its measured speed."""
+MAX_STEPS = 10**9
+"""A budget that buys more optimizer steps than this is refused as a unit mistake (1e30flop, 1e9h)."""
+
+
+def plan_from_dict(d: dict[str, Any]) -> Plan:
+    """A :class:`Plan` read back from a checkpoint or ``plan.json`` (JSON turns tuples into lists)."""
+    d = {**d, "betas": tuple(d["betas"]), "revisions": tuple(tuple(r) for r in d.get("revisions", ()))}
+    return Plan(**d)
+
+
+def next_replan_step(plan: Plan) -> int | None:
+    """The step at which the next re-plan happens (None: all done, or not a wall-clock budget)."""
+    k = len(plan.revisions)
+    if plan.budget_kind != "time" or k >= len(REPLAN_AT):
+        return None
+    last = plan.revisions[-1][0] if plan.revisions else 0
+    at = max(last + 1, round(REPLAN_AT[k] * plan.total_steps))
+    return at if at < plan.total_steps else None
+
+
+def revise(plan: Plan, step: int, elapsed: float, seconds_per_step: float) -> Plan:
+    """The plan with its remaining steps re-fitted to the budget at the measured ``seconds_per_step``."""
+    assert plan.budget_seconds is not None
+    remaining = max(0.0, plan.budget_seconds - elapsed)
+    total = max(step + 1, plan.warmup_steps + 1, step + int(round(remaining / max(seconds_per_step, 1e-9))))
+    return replace(plan, total_steps=int(total), revisions=(*plan.revisions, (step, int(total))),
+                   planned_steps=plan.first_total)
 
 
 @dataclass(frozen=True)
@@ -96,13 +137,46 @@ class TrainResult:
     resumed: bool
 
 
+def _continued(step: int, start: int, plan: Plan) -> float:
+    """Progress in [0, 1] from ``start`` to the last step, continued across re-plans (each keeps the progress it
+    found and spreads the rest over its new remaining steps)."""
+    t, total = 0.0, plan.first_total
+    for at, new_total in plan.revisions:
+        if step < at:
+            break
+        t = t + (1.0 - t) * min(1.0, max(0, at - start) / max(1, total - start))
+        start, total = max(at, start), new_total
+    return min(1.0, t + (1.0 - t) * ((step - start) / max(1, total - start)))
+
+
+def progress_at(step: int, plan: Plan) -> float:
+    """The run's progress at ``step`` (``step / total_steps`` until a re-plan; continuous across re-plans)."""
+    return _continued(step, 0, plan)
+
+
 def lr_at(step: int, plan: Plan) -> float:
-    """Per-iteration linear warmup from 0, then half-cycle cosine to ``min_lr`` (MAE's ``adjust_learning_rate``)."""
+    """Per-iteration linear warmup from 0, then half-cycle cosine to ``min_lr`` (MAE's ``adjust_learning_rate``).
+
+    After a re-plan at step ``s`` the cosine continues from the progress it had reached at ``s`` and spreads the
+    rest over the new remaining steps: the lr is continuous and ends at ``min_lr`` on the last step.
+    """
     if step < plan.warmup_steps:
         return plan.lr * step / plan.warmup_steps
-    span = max(1, plan.total_steps - plan.warmup_steps)
-    t = min(1.0, (step - plan.warmup_steps) / span)
+    t = _continued(step, plan.warmup_steps, plan)
     return plan.min_lr + (plan.lr - plan.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def describe_plan(name: str, plan: Plan) -> str:
+    """The one line a run prints before its first step: what the budget bought and what it will take."""
+    line = (f"{name}: plan {plan.total_steps} steps ({plan.epochs:.3g} epochs) of batch {plan.global_batch}, "
+            f"lr {plan.lr:.3g}, warmup {plan.warmup_steps} steps, budget {plan.budget}")
+    if plan.flops_per_image:
+        line += f" ({plan.flops_per_image * plan.global_batch * plan.total_steps:.3g} FLOPs)"
+    if plan.seconds_per_step:
+        eta = format_seconds(plan.seconds_per_step * plan.total_steps)
+        points = ", ".join(f"{f:.0%}" for f in REPLAN_AT)
+        line += f"; calibrated {plan.seconds_per_step:.3f}s/step -> ~{eta}, re-planned at {points} of the run"
+    return line
 
 
 def resolve_hparams(cfg: RunConfig) -> dict[str, Any]:
@@ -218,7 +292,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _step(self, step: int, batch, plan: Plan, opt: torch.optim.Optimizer):
-        return train_step(self.model, self.method, batch, StepInfo(step, plan.total_steps), opt, lr_at(step, plan),
+        info = StepInfo(step, plan.total_steps, progress_at(step, plan) if plan.revisions else None)
+        return train_step(self.model, self.method, batch, info, opt, lr_at(step, plan),
                           autocast=self.autocast, clip_grad=self.cfg.train.clip_grad)
 
     def _sync(self) -> None:
@@ -241,11 +316,14 @@ class Trainer:
             raise BudgetError(f"--budget {self.budget.spec}: method {self.method.name} has no FLOP count")
         total = steps_for_budget(self.budget, steps_per_epoch=spe, global_batch=hp["global_batch"],
                                  seconds_per_step=calib.seconds_per_step if calib else None, flops_per_image=flops)
+        if total > MAX_STEPS:
+            raise BudgetError(f"--budget {self.budget.spec}: buys {total:.3g} steps ({total / spe:.3g} epochs) of "
+                              f"{self.method.name}; is the unit right? (more than {MAX_STEPS:.0e} steps is refused)")
         warmup = int(round(hp["warmup_fraction"] * total))
         plan = Plan(total, hp["global_batch"], spe, hp["lr"], hp["min_lr"], warmup, hp["weight_decay"], hp["betas"],
                     self.budget.spec, self.budget.kind, self.budget.seconds,
                     calib.seconds_per_step if calib else None, calib.timed_steps if calib else 0,
-                    calib.wall_seconds if calib else 0.0, flops)
+                    calib.wall_seconds if calib else 0.0, flops, planned_steps=total)
         return distributed.broadcast_object(plan)
 
     def _calibrate(self, plan: Plan, opt_factory) -> Calibration:
@@ -293,7 +371,7 @@ class Trainer:
                 raise CheckpointError(f"{self.ckpt_path}: written by a different configuration "
                                       f"({state.get('config_hash')} != {cfg.config_hash()}); use another --out")
         if state is not None:
-            plan = Plan(**{**state["plan"], "betas": tuple(state["plan"]["betas"])})
+            plan = plan_from_dict(state["plan"])
             self.method.load_state_dict(state["model"], strict=True)
         else:
             plan = self._plan(lambda p: build_optimizer(self.method, cfg, p, self.device))
@@ -306,7 +384,9 @@ class Trainer:
                 log.info("resuming %s at step %d/%d", self.method.name, start, plan.total_steps)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")
+            self._write_plan(plan)
+            if state is None:
+                log.info("%s", describe_plan(self.method.name, plan))
 
         metrics_path = self.run_dir / "metrics.jsonl"
         bar = tqdm(total=plan.total_steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
@@ -317,15 +397,42 @@ class Trainer:
         t_log, step_log = t_loop, start
         last_ckpt = t_loop
         every = cfg.train.log_every
-        it = self.source.batches(start, plan.total_steps)
+        # a wall-clock plan may grow at a re-plan: its batch iterator reaches past the first total
+        stop = plan.total_steps if plan.budget_kind != "time" else 2 * plan.total_steps + 16
+        it = self.source.batches(start, stop)
         self.method.train()
         step = start
+        replan_at = next_replan_step(plan)
+        t_replan, step_replan = t_loop, start
+        eta_logged = start > 0 or plan.budget_kind == "time"
         try:
-            for step in range(start, plan.total_steps):
+            while step < plan.total_steps:
                 torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
                 acc.add(self._step(step, next(it), plan, opt), step)
                 bar.update(1)
                 done = step + 1
+                step = done
+                if done == replan_at:
+                    self._sync()
+                    now = time.perf_counter()
+                    sec = float(distributed.broadcast_object((now - t_replan) / max(1, done - step_replan)))
+                    plan = revise(plan, done, elapsed_before + now - t_loop, sec)
+                    t_replan, step_replan = now, done
+                    replan_at = next_replan_step(plan)
+                    bar.total = plan.total_steps
+                    if plan.total_steps > stop:
+                        it.close()
+                        stop = 2 * plan.total_steps + 16
+                        it = self.source.batches(done, stop)
+                    if main:
+                        self._write_plan(plan)
+                        log.debug("re-plan at step %d: %.3fs/step -> %d steps", done, sec, plan.total_steps)
+                if not eta_logged and main and done - start == min(20, plan.total_steps - start):
+                    self._sync()
+                    per = (time.perf_counter() - t_loop) / (done - start)
+                    log.info("%s: %.3fs/step measured -> ~%s for the remaining %d steps", self.method.name, per,
+                             format_seconds(per * (plan.total_steps - done)), plan.total_steps - done)
+                    eta_logged = True
                 if done % every == 0 or done == plan.total_steps:
                     now = time.perf_counter()
                     want_ckpt = float(main and (now - last_ckpt >= cfg.train.ckpt_every_s))
@@ -337,7 +444,7 @@ class Trainer:
                     last_loss = mean_loss
                     ips = (done - step_log) * plan.global_batch / max(1e-9, now - t_log)
                     if main:
-                        rec = {"step": done, "loss": mean_loss, "lr": lr_at(step, plan), "img_per_s": ips,
+                        rec = {"step": done, "loss": mean_loss, "lr": lr_at(done - 1, plan), "img_per_s": ips,
                                "elapsed_s": elapsed_before + now - t_loop}
                         rec.update({k: float((v / acc.n).item()) for k, v in acc.logs_sum.items()})
                         with open(metrics_path, "a") as f:
@@ -366,6 +473,9 @@ class Trainer:
         if main:
             self._save_summary(result)
         return result
+
+    def _write_plan(self, plan: Plan) -> None:
+        atomic_write_text(self.run_dir / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")
 
     def _save(self, next_step: int, elapsed: float, plan: Plan, opt, *, complete: bool, **final: float) -> None:
         if self.dist.rank != 0:

@@ -247,3 +247,29 @@ def test_main_without_runs_dir_and_without_results(tmp_path, capsys):
     assert (results / "toy.md").exists() and not (results / "curves").exists()
     assert main(["--results", str(tmp_path / "nope")]) == 2
     assert "no such results directory" in capsys.readouterr().err
+
+
+def test_wall_clock_runs_off_budget_are_flagged_with_their_time(tmp_path):
+    results = tmp_path / "results"
+    recs = []
+    for seed, secs in ((0, 61.0), (1, 121.6)):  # 61 s of 60 is within 5%; 121.6 s is not
+        recs.append(ResultRecord(method="micl", model=TINY, dataset="toy", budget="1m", seed=seed, eval="pretrain",
+                                 metric="final_loss", value=0.5, steps=100, epochs=1.0, budget_seconds=60.0,
+                                 pretrain_seconds=secs, images_per_second=100.0, device_hours=0.02,
+                                 time="2026-01-01T00:00:00"))
+    append_records(results / "records" / "toy.jsonl", recs)
+    generate(results)
+    md = (results / "toy.md").read_text()
+    assert "seed 1 pre-trained 121.6s of a 60s budget (+103%)" in md
+    assert "seed 0 pre-trained" not in md
+
+
+def test_notes_and_claims_head_the_results_readme(tmp_path):
+    results, _ = setup_results(tmp_path)
+    (results / "NOTES.md").write_text("# What was run\n\nhand-written\n")
+    (results / "claims.md").write_text("## Claims\n\ngenerated\n")
+    generate(results)
+    text = (results / "README.md").read_text()
+    assert text.index("hand-written") < text.index("generated") < text.index("# Results")
+    generate(results)  # idempotent: the notes are read, never accumulated
+    assert (results / "README.md").read_text() == text

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The CPU CIFAR-10 comparison in results/cifar10-cpu (issue 16): six methods under one FLOP budget, and MiCL vs
+# MAE at three budgets. Every phase is resumable: rerun the same line and finished runs and evals are skipped.
+#
+#   scripts/cifar10_cpu.sh pilot     # lr pilot: held-out 10% of train as the test split, kNN only   (~20 min)
+#   scripts/cifar10_cpu.sh table     # six methods x seeds {0,1} at $F FLOPs, kNN + linear           (~60 min)
+#   scripts/cifar10_cpu.sh curve     # MiCL and MAE at F/3 and 3F, seeds {0,1}                       (~45 min)
+#
+# Data: DATA=/path/to/cifar10 (ImageFolder train/ + test/); by default ../shared/data/cifar10-jpeg.tar.gz is
+# unpacked to /tmp/cifar10. Budgets are FLOPs, so the runs are the same on any machine; only the wall time moves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+F=${F:-1.5e13}
+SEEDS=${SEEDS:-0 1}
+RES=${RES:-results/cifar10-cpu}
+RUNS=${RUNS:-runs/cifar10-cpu}
+DATA=${DATA:-/tmp/cifar10}
+RUN="$PY -m repro.run --recipe cifar10-cpu --no-progress"
+
+if [ ! -d "$DATA/train" ]; then
+    tarball=${TARBALL:-../shared/data/cifar10-jpeg.tar.gz}
+    [ -f "$tarball" ] || { echo "cifar10_cpu.sh: no $DATA/train and no $tarball" >&2; exit 2; }
+    mkdir -p "$DATA" && tar xzf "$tarball" -C "$DATA"
+fi
+
+budget() { $PY -c "import sys; print(f'{float(sys.argv[1]) * float(sys.argv[2]):.3g}flop')" "$F" "$1"; }
+
+case "${1:-}" in
+pilot)
+    # The pilot never sees the test images: 10% of each class of train/ becomes the pilot's val/ split.
+    HOLD=${HOLD:-/tmp/cifar10-holdout}
+    if [ ! -d "$HOLD/val" ]; then
+        $PY - "$DATA" "$HOLD" <<'EOF'
+import os, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for cls in sorted(p.name for p in (src / "train").iterdir() if p.is_dir()):
+    files = sorted((src / "train" / cls).iterdir())
+    cut = len(files) - len(files) // 10
+    for split, part in (("train", files[:cut]), ("val", files[cut:])):
+        (dst / split / cls).mkdir(parents=True, exist_ok=True)
+        for f in part:
+            link = dst / split / cls / f.name
+            if not link.exists():
+                os.symlink(f.resolve(), link)
+EOF
+    fi
+    B=$(budget 0.3333)
+    for lr in 1e-3 3e-3; do
+        $RUN micl mae mocov3 mimco macrl --budget "$B" --evals knn --set train.base_lr=$lr --data "$HOLD" \
+            --out "$RUNS/pilot" --results "$RES/pilot" --no-report
+    done
+    for lr in 5e-4 1.5e-3; do   # ConMIM's lr is absolute: the same two values x 128 / 256
+        $RUN conmim --budget "$B" --evals knn --set train.base_lr=$lr --data "$HOLD" \
+            --out "$RUNS/pilot" --results "$RES/pilot" --no-report
+    done
+    ;;
+table)
+    # shellcheck disable=SC2086
+    $RUN micl mae mocov3 conmim mimco macrl --budget "$(budget 1)" --seeds $SEEDS --evals knn,linear \
+        --data "$DATA" --out "$RUNS/main" --results "$RES"
+    ;;
+curve)
+    for f in 0.3333 3; do
+        # shellcheck disable=SC2086
+        $RUN micl mae --budget "$(budget $f)" --seeds $SEEDS --evals knn,linear --data "$DATA" \
+            --out "$RUNS/main" --results "$RES"
+    done
+    ;;
+*)
+    sed -n 2,10p "$0" >&2
+    exit 2
+    ;;
+esac
