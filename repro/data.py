@@ -1,8 +1,8 @@
 """Datasets and the batch sources the trainer draws from.
 
 Layouts read:
-- **built-in** (no ``--data``): procedural shapes and textures, 10 classes, 32 px, deterministic from a seed.
-  Needs no download and has real, learnable structure, so the demo's kNN/linear numbers mean something.
+- **built-in** (no ``--data``): procedural shapes, 10 classes, 32 px, deterministic from a seed; colours and
+  lighting come from small sets shared by every class (:func:`make_shapes`). Needs no download.
 - **ImageFolder**: ``ROOT/train/<class>/*.jpg`` and ``ROOT/val/...`` or ``ROOT/test/...``.
 - **CIFAR-10/100 python pickles** (``data_batch_1..5``/``test_batch`` or ``train``/``test``), read with an
   unpickler that only admits the numpy array types those files contain.
@@ -106,9 +106,23 @@ class DatasetSplits:
 # ----------------------------------------------------------------------------------------- built-in data
 
 
+BUILTIN_PALETTE = ((220, 50, 47), (38, 139, 210), (133, 153, 0), (181, 137, 0), (211, 54, 130), (42, 161, 152),
+                   (238, 232, 213), (40, 40, 40))
+"""The colours every class draws its foreground and background from (two different ones per image)."""
+BUILTIN_GRADIENTS = 4
+"""Background lighting directions shared by every class (0, 90, 180, 270 degrees)."""
+
+
 def make_shapes(n: int, seed: int, size: int = 32) -> TensorImages:
-    """``n`` procedural images: a shape class (disk, square, ..., stripes, checker) with random colours,
-    position, scale, a background gradient and pixel noise. Balanced classes, deterministic from ``seed``."""
+    """``n`` procedural images: a shape class (disk, square, ..., stripes, checker) at a random position and scale.
+
+    The nuisance factors are shared across classes and drawn from small sets: foreground and background are two
+    different colours of :data:`BUILTIN_PALETTE` (56 ordered pairs), lighting one of :data:`BUILTIN_GRADIENTS`
+    directions, plus pixel noise. So colour says nothing about the class, and it cannot single out an image either:
+    about 1 in 224 images shares an image's colours and lighting, and two views of one image can only be matched
+    beyond that by the shape. (The first version drew colours per image from a continuum, which let instance
+    discrimination match views by colour alone and learn nothing about the classes.) Balanced classes,
+    deterministic from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     k = len(BUILTIN_CLASSES)
     labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
@@ -138,13 +152,14 @@ def make_shapes(n: int, seed: int, size: int = 32) -> TensorImages:
         ((torch.floor(xx / cell) + torch.floor(yy / cell)) % 2) == 0,
     ], dim=1)  # (n, k, S, S)
     mask = masks[torch.arange(n), labels].float().unsqueeze(1)  # (n, 1, S, S)
-    fg = torch.rand(n, 3, 1, 1, generator=g) * 255
-    bg = torch.rand(n, 3, 1, 1, generator=g) * 255
-    # keep foreground and background apart so every image shows its shape
-    close = (fg - bg).abs().mean(dim=1, keepdim=True) < 60
-    fg = torch.where(close, 255 - bg, fg)
-    angle = torch.rand(n, 1, 1, 1, generator=g) * 2 * math.pi
-    grad = (torch.cos(angle) * xx[:, None] + torch.sin(angle) * yy[:, None]) / size - 0.5  # (n, 1, S, S)
+    palette = torch.tensor(BUILTIN_PALETTE, dtype=torch.float32)  # (P, 3)
+    p = palette.shape[0]
+    fg_i = torch.randint(0, p, (n,), generator=g)
+    bg_i = (fg_i + torch.randint(1, p, (n,), generator=g)) % p  # never the foreground's colour
+    fg, bg = palette[fg_i].view(n, 3, 1, 1), palette[bg_i].view(n, 3, 1, 1)
+    angle = torch.randint(0, BUILTIN_GRADIENTS, (n, 1, 1, 1), generator=g).float() * (2 * math.pi / BUILTIN_GRADIENTS)
+    mid = (size - 1) / 2  # lighting centred on the image: a direction does not also darken the whole image
+    grad = (torch.cos(angle) * (xx[:, None] - mid) + torch.sin(angle) * (yy[:, None] - mid)) / size  # (n, 1, S, S)
     img = bg * (1 - mask) + fg * mask + 40 * grad + 12 * torch.randn(n, 3, size, size, generator=g)
     return TensorImages(img.round().clamp(0, 255).to(torch.uint8), labels.long(), list(BUILTIN_CLASSES))
 

@@ -23,6 +23,33 @@ def test_builtin_is_deterministic_balanced_and_varied():
     assert (means[7] - means[8]).abs().mean() > 1.0  # horizontal vs vertical stripes
 
 
+def test_builtin_colours_come_from_a_shared_palette_and_do_not_identify_an_image_or_a_class():
+    from repro.data import BUILTIN_PALETTE
+
+    a = make_shapes(2000, seed=5)
+    pal = torch.tensor(BUILTIN_PALETTE, dtype=torch.float32)
+    px = a.images.float().permute(0, 2, 3, 1).reshape(2000, -1, 3)  # (n, S*S, 3)
+    nearest = torch.cdist(px, pal.expand(2000, -1, -1)).argmin(-1)  # (n, S*S)
+    counts = torch.stack([torch.bincount(x, minlength=len(pal)) for x in nearest])
+    top2 = counts.topk(2, dim=1).indices.sort(dim=1).values  # unordered (colour, colour) pair per image
+    pair = top2[:, 0] * len(pal) + top2[:, 1]
+    # the colour of an image's dominant palette entry, measured from its pixels
+    dom = counts.argmax(1)
+    mean_rgb = torch.stack([px[i][nearest[i] == dom[i]].mean(0) for i in range(2000)])
+    groups = {int(v): (pair == v).nonzero().flatten() for v in pair.unique()}
+    assert len(groups) <= len(pal) * (len(pal) - 1) // 2
+    # an image shares its colours with many others: the pair groups are large and their colours identical (up to
+    # lighting and noise), not a continuum that singles an image out
+    big = [ix for ix in groups.values() if len(ix) >= 20]
+    assert sum(len(ix) for ix in big) > 0.9 * 2000
+    for ix in big:
+        same_dom = ix[dom[ix] == dom[ix][0]]
+        assert mean_rgb[same_dom].std(0).max() < 12.0
+    # and colour says nothing about the class: every class shows most colour pairs
+    for c in range(10):
+        assert len(pair[a.labels == c].unique()) >= 20
+
+
 def _write_folder(root, classes=("cat", "dog"), n=3, size=(20, 20), mode="RGB"):
     for split in ("train", "val"):
         for c in classes:
