@@ -49,10 +49,12 @@ STEPS = 20
 # float64 ConMIM, steps 2-19: <= 1.0e-3. Its teacher view is solarized at the threshold 128/255; a pixel within
 #   ~1e-16 of it lands on the other side under another kernel set (a jump of ~0.5 in that pixel), which a
 #   1e-12 perturbation of the weights does not do (that one stays at 2e-12 after 20 steps) -> 5e-3.
+# float64 MoCo v3, steps 1-19, after the built-in data's palette redesign: 1.2e-7 at step 11 under 'default'
+#   (its float32 sin-cos table, 1.6e-8 at step 0, grows through 20 AdamW steps; avx2/avx512 agree) -> 1e-6.
 RTOL_STEP0 = {torch.float32: 2e-6, torch.float64: 1e-7}
 RTOL_LATER = {
     torch.float32: {"mocov3": 5e-3, "conmim": 1e-2, "*": 5e-6},
-    torch.float64: {"conmim": 5e-3, "*": 1e-7},
+    torch.float64: {"conmim": 5e-3, "mocov3": 1e-6, "*": 1e-7},
 }
 EXACT_STEPS_FP64 = {"conmim": 2}  # steps before the first solarize flip can show (see above)
 
