@@ -45,6 +45,11 @@ class ModelConfig:
         return kw
 
 
+BUILTIN_DATA_VERSION = 2
+"""Version of the built-in generator (``repro.data.make_shapes``), part of the config hash of built-in runs.
+2: colours and lighting from sets shared by every class (issue 16); 1: per-image random colours."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str | None = None
@@ -208,6 +213,8 @@ class RunConfig:
             d["train"].pop(noise, None)
         d["data"].pop("num_workers", None)
         d.pop("eval", None)  # evals are keyed separately; the pretraining run is the same
+        if d["data"].get("path") is None:  # a new built-in generator is new data: runs of the old one do not resume
+            d["data"]["builtin_version"] = BUILTIN_DATA_VERSION
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 

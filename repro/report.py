@@ -371,8 +371,20 @@ def plot_loss_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     return True
 
 
+def _budget_flops(budget: str) -> float:
+    """The FLOPs of a FLOP budget ('1.5e13flop'); NaN for any other kind (or an untrained row's '-')."""
+    from repro.budget import BudgetError, parse_budget
+
+    try:
+        b = parse_budget(budget)
+    except BudgetError:
+        return float("nan")
+    return b.amount if b.kind == "flop" else float("nan")
+
+
 def plot_accuracy_vs_budget(df: pd.DataFrame, path: Path) -> bool:
-    """Accuracy of every eval against pre-training device-hours, one line per method."""
+    """Accuracy of every eval against pre-training compute, one line per method: device-hours, and when every
+    trained run had a FLOP budget also training FLOPs (a second row; log scale)."""
     plt = _pyplot()
 
     pre = df[df["eval"] == "pretrain"][["method", "model", "budget", "seed", "device_hours"]]
@@ -382,21 +394,31 @@ def plot_accuracy_vs_budget(df: pd.DataFrame, path: Path) -> bool:
         return False
     merged = acc.drop(columns=["device_hours"]).merge(pre, on=["method", "model", "budget", "seed"], how="left")
     merged["device_hours"] = merged["device_hours"].fillna(0.0)
-    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 3.8), squeeze=False)
-    for ax, e in zip(axes[0], evals, strict=True):
-        sub = merged[merged["eval"] == e]
-        for method in _method_order(list(sub["method"].unique())):
-            m = sub[sub["method"] == method].groupby("device_hours")["value"].agg(["mean", "std"]).reset_index()
-            if method in UNTRAINED:
-                ax.axhline(m["mean"].iloc[0], color="gray", linestyle="--" if method == "random-init" else ":",
-                           label=method)
-                continue
-            ax.errorbar(m["device_hours"], m["mean"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=method)
-        ax.set_xlabel("pre-training device-hours")
-        ax.set_ylabel(f"{e} top-1 (%)")
-        ax.set_title(e)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    merged["flops"] = merged["budget"].map(_budget_flops)
+    trained = merged[~merged["method"].isin(UNTRAINED)]
+    axes_x = [("device_hours", "pre-training device-hours")]
+    if not trained.empty and trained["flops"].notna().all():
+        axes_x.insert(0, ("flops", "pre-training FLOPs (analytic)"))
+    fig, axes = plt.subplots(len(axes_x), len(evals), figsize=(5 * len(evals), 3.8 * len(axes_x)), squeeze=False)
+    for row, (xcol, xlabel) in enumerate(axes_x):
+        for ax, e in zip(axes[row], evals, strict=True):
+            sub = merged[merged["eval"] == e]
+            for method in _method_order(list(sub["method"].unique())):
+                msub = sub[sub["method"] == method]
+                if method in UNTRAINED:
+                    ax.axhline(msub["value"].mean(), color="gray",
+                               linestyle="--" if method == "random-init" else ":", label=method)
+                    continue
+                m = msub.groupby("budget").agg(x=(xcol, "mean"), mean=("value", "mean"),
+                                               std=("value", "std")).sort_values("x")
+                ax.errorbar(m["x"], m["mean"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=method)
+            if xcol == "flops":
+                ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{e} top-1 (%)")
+            ax.set_title(e)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     _save_png(fig, path)
     return True
 

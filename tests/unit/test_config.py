@@ -47,6 +47,16 @@ def test_config_hash_tracks_numbers_not_logging():
     assert apply_overrides(c, {"method.kappa": "0.1"}).config_hash() != c.config_hash()
 
 
+def test_a_new_builtin_generator_is_new_data(monkeypatch):
+    import repro.config as config
+
+    c, on_disk = base(), apply_overrides(base(), {"data.path": "/data/x"})
+    before, before_disk = c.config_hash(), on_disk.config_hash()
+    monkeypatch.setattr(config, "BUILTIN_DATA_VERSION", config.BUILTIN_DATA_VERSION + 1)
+    assert c.config_hash() != before  # runs of the old generator are not resumed as if they were this data's
+    assert on_disk.config_hash() == before_disk  # a user's dataset does not depend on it
+
+
 def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         base().train.batch_size = 3  # type: ignore[misc]
