@@ -427,7 +427,7 @@ class Trainer:
                     if main:
                         self._write_plan(plan)
                         log.debug("re-plan at step %d: %.3fs/step -> %d steps", done, sec, plan.total_steps)
-                if not eta_logged and main and done - start == min(20, plan.total_steps - start):
+                if not eta_logged and main and done - start == 20 and done < plan.total_steps:
                     self._sync()
                     per = (time.perf_counter() - t_loop) / (done - start)
                     log.info("%s: %.3fs/step measured -> ~%s for the remaining %d steps", self.method.name, per,
