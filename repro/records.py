@@ -10,9 +10,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,10 @@ class ResultRecord:
     recipe: str = ""
     time: str = ""
     note: str = ""
+    command: str = ""
+    """The command line that produced the number (``--set`` overrides and paths included); filled on append."""
+    versions: str = ""
+    """Package versions of the process that produced it (python, torch, timm, mm* when used); filled on append."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
@@ -76,10 +82,39 @@ def git_revision() -> str:
         return "unknown"
 
 
+def current_command() -> str:
+    """This process's command line as a user would retype it: ``python -m <module> <args>`` (under torchrun,
+    ``torchrun --nnodes N --nproc-per-node P -m <module> <args>``), shell-quoted."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else ""  # `-m package`
+    head = ["python", "-m", name] if name else ["python", sys.argv[0]]
+    local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        head = ["torchrun", "--nnodes", str(max(1, world // max(1, local))), "--nproc-per-node", str(local),
+                *head[1:]]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+def package_versions() -> str:
+    """``python 3.11.7, torch 2.14.1, timm 1.0.31`` plus mmengine/mmseg/mmdet/mmcv when this process imported them."""
+    import platform
+
+    out = [f"python {platform.python_version()}"]
+    for name in ("torch", "timm", "torchvision", "mmengine", "mmcv", "mmseg", "mmdet"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__version__", None):
+            out.append(f"{name} {mod.__version__}")
+    return ", ".join(out)
+
+
 def append_records(path: Path, records: list[ResultRecord]) -> None:
-    """Append whole lines under ``flock``; one ``write`` per batch, then fsync."""
+    """Append whole lines under ``flock``; one ``write`` per batch, then fsync. Records without a command or
+    versions get this process's (:func:`current_command`, :func:`package_versions`)."""
     if not records:
         return
+    cmd, versions = current_command(), package_versions()
+    records = [replace(r, command=r.command or cmd, versions=r.versions or versions) for r in records]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = "".join(r.to_json() + "\n" for r in records).encode()

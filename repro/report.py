@@ -453,6 +453,15 @@ def _command(dataset: str, methods: list[str], budget: str, recipe: str, model: 
     return " ".join(args)
 
 
+def recorded_commands(sub: pd.DataFrame, missing: bool = False) -> list[str]:
+    """The distinct command lines the records carry, first use first (``missing``: whether any record lacks one,
+    as a one-element list, for records written before commands were recorded)."""
+    cmds = sub.sort_values("time", kind="stable").get("command", pd.Series([""] * len(sub))).fillna("")
+    if missing:
+        return ["missing"] if (cmds == "").any() and (cmds != "").any() else []
+    return list(dict.fromkeys(c for c in cmds if c))
+
+
 def provenance(sub: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
     """One dataset's commands (rebuilt from the records) and one row per run: hardware and wall-clock."""
     runs = []
@@ -550,15 +559,28 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
             links.append(f"[vs papers csv]({papers_csv.name})")
         index.append(f"- **{dataset}** — {' · '.join(links)} — {len(sub)} records")
         commands, runs = provenance(sub)
-        how += [f"### {dataset}", "", "Commands (rebuilt from the records):", "", "```",
-                *commands, "```", "", to_markdown(runs)]
+        recorded = recorded_commands(sub)
+        if recorded:
+            how += [f"### {dataset}", "", "Commands (as recorded, in the order they ran):", "", "```", *recorded,
+                    "```", ""]
+            versions = sorted({v for v in sub.get("versions", pd.Series(dtype=str)).fillna("") if v})
+            if versions:
+                how += ["Package versions: " + "; ".join(f"`{v}`" for v in versions), ""]
+            rebuilt = recorded_commands(sub, missing=True)
+            if rebuilt:  # older records without a command line
+                how += ["Rebuilt from records that predate recorded commands:", "", "```", *commands, "```", ""]
+            how.append(to_markdown(runs))
+        else:
+            how += [f"### {dataset}", "", "Commands (rebuilt from the records):", "", "```",
+                    *commands, "```", "", to_markdown(runs)]
     if not ref.empty:
         index.append(f"- [reference.csv](reference.csv) — the papers' numbers ({len(ref)} rows) with the keys that "
                      "match them to our records")
     if how:
         index += ["", "## How each number was produced", "",
-                  "Records keep no command line, so the commands are rebuilt from them (method, budget, recipe, "
-                  "seeds); `--set` overrides and the data path are not in the records, but the config hash names "
+                  "Records carry the command line that produced them and the package versions; records "
+                  "written before that are shown with commands rebuilt from them (method, budget, recipe, "
+                  "seeds), whose `--set` overrides and data path are not in the records, but the config hash names "
                   "the run directory `runs/<dataset>/<method>/<model>-<budget>-s<seed>-<config>/`, whose "
                   "`config.json` holds every setting. random-init and supervised-scratch rows come from the same "
                   "commands (evaluated once per model and seed). Device is the pre-training hardware (× processes); "

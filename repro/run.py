@@ -37,6 +37,7 @@ from repro.checkpoint import (
 )
 from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, DatasetSplits, load_data
+from repro.lock import PREEMPTED_EXIT, Preempted, RunLocked, run_lock
 from repro.recipes import RECIPES, default_recipe
 from repro.records import ResultRecord, append_records, git_revision, now_iso, read_records
 from repro.registry import EVALS, METHODS
@@ -57,6 +58,10 @@ EPILOG = """examples:
 
 budgets (per method): 90s 3m 2h 2d = pre-training wall-clock on this hardware (calibrated into a fixed
 step count); 300ep = epochs; 5000steps = optimizer steps; 2e18flop = analytic training FLOPs.
+
+one command per run directory: a second command on a directory that another is training or evaluating exits
+with an error naming the holder (or waits, --wait). SIGTERM/SIGUSR1 (Slurm pre-emption) save a checkpoint at the
+next step boundary and exit with status 75; rerun the same command to resume exactly.
 """
 
 
@@ -86,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ./results)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate tables and plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wait", action="store_true", help="when another command holds a run directory (it is "
+                   "training or evaluating it), wait for it instead of exiting with an error")
     return p
 
 
@@ -204,6 +211,12 @@ def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progre
         check_output_dir(run_dir, run_disk_bytes(method, method.eval_backbone()) - held)  # before anything is written
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    with run_lock(run_dir, main=dist_info.rank == 0, wait=_wait_for_lock):
+        return _train_locked(cfg, method, data, dist_info, run_dir, progress, records_path, write_export)
+
+
+def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
+                  records_path: Path, write_export: bool) -> ExportMeta:
     trainer = Trainer(cfg, method, data, dist_info, run_dir, progress=progress)
     try:
         result = trainer.fit()
@@ -268,7 +281,13 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
 
 
 def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path) -> list[ResultRecord]:
-    """Run each requested eval once per export (a marker file makes re-runs skip finished evals)."""
+    """Run each requested eval once per export (a marker file makes re-runs skip finished evals); the export's
+    run directory is locked meanwhile, so two commands never record the same evaluation twice."""
+    with run_lock(export_dir, wait=_wait_for_lock):
+        return _evaluate_locked(export_dir, evals, ctx, records_path)
+
+
+def _evaluate_locked(export_dir: Path, evals: list[str], ctx, records_path: Path) -> list[ResultRecord]:
     done_dir = export_dir / "evals"
     out: list[ResultRecord] = []
     for name in evals:
@@ -284,13 +303,22 @@ def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path) -> lis
     return out
 
 
+_wait_for_lock = False
+"""``--wait``: a run directory held by another command is waited for instead of refused."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _wait_for_lock
     parser = build_parser()
     args = parser.parse_args(argv)
+    _wait_for_lock = args.wait
     logging.basicConfig(level=logging.INFO, format="[repro] %(message)s", stream=sys.stderr)
     try:
         return _main(args)
-    except (ConfigError, BudgetError, DataError, CheckpointError, NonFiniteLoss) as e:
+    except Preempted as e:
+        print(f"repro: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except (ConfigError, BudgetError, DataError, CheckpointError, NonFiniteLoss, RunLocked) as e:
         print(f"repro: error: {e}", file=sys.stderr)
         return 2
     finally:

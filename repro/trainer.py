@@ -46,6 +46,7 @@ from repro.checkpoint import (
 from repro.config import ConfigError, RunConfig
 from repro.data import DatasetSplits, StepSampler, make_batch_source
 from repro.distributed import DistInfo
+from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,7 @@ class Trainer:
         replan_at = next_replan_step(plan)
         t_replan, step_replan = t_loop, start
         eta_logged = start > 0 or plan.budget_kind == "time"
+        stop_req = StopRequest().__enter__()
         try:
             while step < plan.total_steps:
                 torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
@@ -433,11 +435,15 @@ class Trainer:
                     log.info("%s: %.3fs/step measured -> ~%s for the remaining %d steps", self.method.name, per,
                              format_seconds(per * (plan.total_steps - done)), plan.total_steps - done)
                     eta_logged = True
+                if self.dist.world_size == 1 and stop_req.signum and done < plan.total_steps:
+                    if acc.first_bad.item() >= 0:  # never checkpoint weights a non-finite loss has touched
+                        raise NonFiniteLoss(int(acc.first_bad.item()), self.run_dir)
+                    self._preempt(stop_req.signum, done, elapsed_before + time.perf_counter() - t_loop, plan, opt)
                 if done % every == 0 or done == plan.total_steps:
                     now = time.perf_counter()
                     want_ckpt = float(main and (now - last_ckpt >= cfg.train.ckpt_every_s))
-                    flags = distributed.all_reduce_max(torch.stack([acc.first_bad.float(),
-                                                                    torch.tensor(want_ckpt, device=self.device)]))
+                    flags = distributed.all_reduce_max(torch.tensor(
+                        [acc.first_bad.item(), want_ckpt, float(stop_req.signum)], device=self.device))
                     if flags[0].item() >= 0:
                         raise NonFiniteLoss(int(flags[0].item()), self.run_dir)
                     mean_loss = float(distributed.all_reduce_mean(acc.loss_sum / acc.n).item())
@@ -452,10 +458,14 @@ class Trainer:
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
                     acc.reset()
                     t_log, step_log = now, done
+                    if flags[2].item() > 0 and done < plan.total_steps:  # every rank stops at this boundary
+                        self._preempt(int(flags[2].item()), done, elapsed_before + time.perf_counter() - t_loop,
+                                      plan, opt)
                     if flags[1].item() > 0 and done < plan.total_steps:
                         self._save(done, elapsed_before + time.perf_counter() - t_loop, plan, opt, complete=False)
                         last_ckpt = time.perf_counter()
         finally:
+            stop_req.__exit__()
             bar.close()
             it.close()
         self._sync()
@@ -473,6 +483,13 @@ class Trainer:
         if main:
             self._save_summary(result)
         return result
+
+    def _preempt(self, signum: int, done: int, elapsed: float, plan: Plan, opt) -> None:
+        """Save the checkpoint of step boundary ``done`` and stop (SIGTERM/SIGUSR1; ``repro.lock``)."""
+        self._sync()
+        self._save(done, elapsed, plan, opt, complete=False)
+        distributed.barrier()  # no rank leaves before rank 0's checkpoint is on disk
+        raise Preempted(signum, done, self.run_dir)
 
     def _write_plan(self, plan: Plan) -> None:
         atomic_write_text(self.run_dir / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")

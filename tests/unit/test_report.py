@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -83,7 +84,11 @@ def records() -> list[ResultRecord]:
     out.append(ResultRecord(method="mae", model=TINY, dataset="toy", budget="1m", seed=0,
                             eval="pretrain", metric="final_loss", value=float("nan"), status="failed",
                             time="2026-01-05T00:00:00"))
-    return out
+    # what each process recorded as its command line (append_records fills the current one only where empty)
+    commands = {"mimco": "python -m repro.run mimco --budget 90s --set method.stage1_fraction=0.3",
+                "*": "python -m repro.run micl mae --budget 90s --seeds 0 1 --evals knn,linear,finetune"}
+    return [replace(r, command=commands.get(r.method, commands["*"]),
+                    versions="python 3.11.7, torch 2.14.1, timm 1.0.31") for r in out]
 
 
 def write_runs(runs: Path) -> None:
@@ -136,8 +141,11 @@ def test_report_golden(tmp_path):
     assert "![pre-training loss](toy_loss_curves.png)" in md
     check_golden(md, GOLDEN)
     index = (results / "README.md").read_text()
-    assert "python -m repro.run micl mae --budget 90s --data <path to toy> --recipe tiny --model vit_tiny --seeds 0 1" \
-        in index
+    assert "Commands (as recorded, in the order they ran):" in index
+    cmds = index.split("Commands (as recorded")[1].split("```")[1].strip().splitlines()
+    assert cmds == ["python -m repro.run micl mae --budget 90s --seeds 0 1 --evals knn,linear,finetune",
+                    "python -m repro.run mimco --budget 90s --set method.stage1_fraction=0.3"]
+    assert "Package versions: `python 3.11.7, torch 2.14.1, timm 1.0.31`" in index
     assert "| mimco | vit_tiny p4 @32 | 90s | 0 | cuda x × 2 | 2.0 h | knn 15 s |" in index
     for name in ("toy.md", "toy.csv", "toy_accuracy_vs_budget.png", "toy_loss_curves.png", "reference.csv"):
         assert f"({name})" in index and (results / name).exists()
@@ -273,3 +281,21 @@ def test_notes_and_claims_head_the_results_readme(tmp_path):
     assert text.index("hand-written") < text.index("generated") < text.index("# Results")
     generate(results)  # idempotent: the notes are read, never accumulated
     assert (results / "README.md").read_text() == text
+
+
+def test_records_carry_this_process_command_and_versions_and_old_ones_are_rebuilt(tmp_path):
+    results = tmp_path / "results"
+    old = ResultRecord(method="mae", model=TINY, dataset="toy", budget="90s", seed=0, eval="knn", metric="top1",
+                       value=30.0, recipe="tiny", time="2026-01-01T00:00:00")
+    (results / "records").mkdir(parents=True)
+    (results / "records" / "toy.jsonl").write_text(old.to_json().replace(', "command": ""', "") + "\n")
+    new = replace(old, method="micl", time="2026-01-02T00:00:00")
+    append_records(results / "records" / "toy.jsonl", [new])
+    recs, _ = read_all(results / "records")
+    assert recs[0].command == "" and recs[1].command.split()[:3] == ["python", "-m", "pytest"]
+    assert recs[1].versions.startswith("python ") and "torch " in recs[1].versions
+    generate(results)
+    index = (results / "README.md").read_text()
+    assert recs[1].command in index
+    assert "Rebuilt from records that predate recorded commands:" in index
+    assert "python -m repro.run micl mae --budget 90s --data <path to toy> --recipe tiny --model vit_tiny" in index
