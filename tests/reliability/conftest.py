@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from repro.lock import LOCK_FILE
 from tests.conftest import ROOT
 
 # as tests/smoke/test_cli.py's SMALL, smaller: 2 blocks, batch 16 of 64 built-in images (4 steps per epoch)
@@ -61,11 +62,13 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` with its bytes (to show that a failed command changed nothing)."""
+    """Every file under ``root`` with its bytes (to show that a failed command changed nothing). A run directory's
+    ``.lock`` is left out: it holds only who last held the directory, rewritten by every command that takes it."""
     root = Path(root)
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.fixture(autouse=True)
