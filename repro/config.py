@@ -102,6 +102,9 @@ class TrainConfig:
     """Wrap the method in torch.compile."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+    tensorboard: bool = False
+    """Also log every metrics.jsonl value, and the evaluations as they land, to RUN_DIR/tensorboard (rank 0;
+    needs the ``tensorboard`` extra). ``repro.run --log tensorboard`` sets it."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "lars"):
@@ -209,7 +212,7 @@ class RunConfig:
     def config_hash(self) -> str:
         """Hash of everything that changes the numbers (not logging/checkpoint cadence or worker count)."""
         d = self.to_dict()
-        for noise in ("log_every", "ckpt_every_s", "device"):
+        for noise in ("log_every", "ckpt_every_s", "device", "tensorboard"):
             d["train"].pop(noise, None)
         d["data"].pop("num_workers", None)
         d.pop("eval", None)  # evals are keyed separately; the pretraining run is the same

@@ -38,6 +38,7 @@ from repro.checkpoint import (
 from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, DatasetSplits, load_data
 from repro.lock import PREEMPTED_EXIT, Preempted, RunLocked, run_lock
+from repro.monitor import open_tensorboard
 from repro.recipes import RECIPES, default_recipe
 from repro.records import ResultRecord, append_records, git_revision, now_iso, read_records
 from repro.registry import EVALS, METHODS
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ./results)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate tables and plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log", choices=("none", "tensorboard"), default="none",
+                   help="live monitoring besides metrics.jsonl: tensorboard = RUN_DIR/tensorboard/ (training "
+                        "metrics, then the evaluations); needs pip install -e '.[tensorboard]'")
     p.add_argument("--wait", action="store_true", help="when another command holds a run directory (it is "
                    "training or evaluating it), wait for it instead of exiting with an error")
     return p
@@ -280,11 +284,17 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
     return run_dir
 
 
-def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path) -> list[ResultRecord]:
+def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path, tensorboard: bool = False
+             ) -> list[ResultRecord]:
     """Run each requested eval once per export (a marker file makes re-runs skip finished evals); the export's
     run directory is locked meanwhile, so two commands never record the same evaluation twice."""
     with run_lock(export_dir, wait=_wait_for_lock):
-        return _evaluate_locked(export_dir, evals, ctx, records_path)
+        recs = _evaluate_locked(export_dir, evals, ctx, records_path)
+    board = open_tensorboard(tensorboard and bool(recs), export_dir)
+    if board is not None:
+        board.scalars("eval", {f"{r.eval}_{r.metric}": r.value for r in recs}, int(recs[0].steps or 0))
+        board.close()
+    return recs
 
 
 def _evaluate_locked(export_dir: Path, evals: list[str], ctx, records_path: Path) -> list[ResultRecord]:
@@ -335,6 +345,8 @@ def _main(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--evals: unknown evaluation {bad[0]!r}; choose from {', '.join(EVALS)} or none")
     sets = parse_set_args(args.sets)
+    if args.log == "tensorboard":
+        sets["train.tensorboard"] = "true"
     dense_tasks = [e for e in evals if e in ("ade20k", "coco")]
     idle = [k for k in sets if k.split(".", 1)[0] in METHODS and k.split(".", 1)[0] not in args.methods]
     if idle:
@@ -383,7 +395,7 @@ def _main(args: argparse.Namespace) -> int:
 
         ctx = EvalContext(data, configs[0].eval, dist_info.device, seed=configs[0].seed, progress=progress)
         for run_dir in exports:
-            evaluate(run_dir, evals, ctx, records_path)
+            evaluate(run_dir, evals, ctx, records_path, tensorboard=configs[0].train.tensorboard)
         seen = set()
         for cfg in configs:
             key = (cfg.model, cfg.seed)

@@ -48,6 +48,7 @@ from repro.data import DatasetSplits, StepSampler, make_batch_source
 from repro.distributed import DistInfo
 from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
+from repro.monitor import open_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +391,7 @@ class Trainer:
                 log.info("%s", describe_plan(self.method.name, plan))
 
         metrics_path = self.run_dir / "metrics.jsonl"
+        board = open_tensorboard(cfg.train.tensorboard and main, self.run_dir)
         bar = tqdm(total=plan.total_steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
                    desc=f"{self.method.name} pretrain", leave=True)
         acc = _Accumulator(self.device)
@@ -455,6 +457,8 @@ class Trainer:
                         rec.update({k: float((v / acc.n).item()) for k, v in acc.logs_sum.items()})
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
+                        if board is not None:
+                            board.scalars("train", {k: v for k, v in rec.items() if k != "step"}, done)
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
                     acc.reset()
                     t_log, step_log = now, done
@@ -466,6 +470,8 @@ class Trainer:
                         last_ckpt = time.perf_counter()
         finally:
             stop_req.__exit__()
+            if board is not None:
+                board.close()
             bar.close()
             it.close()
         self._sync()
