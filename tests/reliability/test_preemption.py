@@ -96,3 +96,32 @@ def test_two_commands_never_train_one_run_directory_at_once(tmp_path, reference)
     # one run's worth of training between them: the export equals the uninterrupted run's
     assert (d / EXPORT_WEIGHTS).read_bytes() == (reference / EXPORT_WEIGHTS).read_bytes()
     assert first_err.read_text().count("resuming") == 0
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_and_the_run_resumes(tmp_path):
+    """Slurm signals the launcher: torchrun forwards SIGTERM to its workers, which stop at the same step boundary
+    (agreed at a logging step) with one checkpoint; torchrun itself exits 1, so a Slurm script requeues on the
+    signal it trapped (scripts/slurm.sbatch), not on torchrun's status."""
+    from tests.reliability.test_distributed import free_port
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+              str(free_port())]
+    args = ["-m", *cli_args(out, results)]
+    with open(tmp_path / "torchrun.log", "w") as log:
+        proc = subprocess.Popen([*launch, *args], cwd=tmp_path, env=subprocess_env(REPRO_TEST_SLOW_CKPT="0.3"),
+                                stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: logged(out)[1] >= 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = (tmp_path / "torchrun.log").read_text()
+    stops = [ln for ln in text.splitlines() if ln.startswith("repro: stopped by SIGTERM at step")]
+    assert len(stops) == 2 and len(set(stops)) == 1, text[-3000:]  # both ranks, the same boundary
+    d, _ = logged(out)
+    state = load_checkpoint(d / CHECKPOINT)
+    assert not state["complete"] and f"at step {state['step']};" in stops[0]
+    p = subprocess.run([*launch[:-1], str(free_port()), *args], cwd=tmp_path, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming micl at step {state['step']}/{STEPS}" in p.stderr
+    assert (d / EXPORT_WEIGHTS).exists()
