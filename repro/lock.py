@@ -86,15 +86,14 @@ class StopRequest:
         self.signum = 0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopRequest:
+    def install(self) -> None:
         for s in STOP_SIGNALS:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread: leave the defaults
                 break
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)  # type: ignore[arg-type]
         self._previous.clear()

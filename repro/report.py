@@ -453,13 +453,9 @@ def _command(dataset: str, methods: list[str], budget: str, recipe: str, model: 
     return " ".join(args)
 
 
-def recorded_commands(sub: pd.DataFrame, missing: bool = False) -> list[str]:
-    """The distinct command lines the records carry, first use first (``missing``: whether any record lacks one,
-    as a one-element list, for records written before commands were recorded)."""
-    cmds = sub.sort_values("time", kind="stable").get("command", pd.Series([""] * len(sub))).fillna("")
-    if missing:
-        return ["missing"] if (cmds == "").any() and (cmds != "").any() else []
-    return list(dict.fromkeys(c for c in cmds if c))
+def record_commands(sub: pd.DataFrame) -> pd.Series:
+    """Each record's command line in time order ('' for records written before commands were recorded)."""
+    return sub.sort_values("time", kind="stable").get("command", pd.Series([""] * len(sub))).fillna("")
 
 
 def provenance(sub: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
@@ -559,15 +555,15 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
             links.append(f"[vs papers csv]({papers_csv.name})")
         index.append(f"- **{dataset}** — {' · '.join(links)} — {len(sub)} records")
         commands, runs = provenance(sub)
-        recorded = recorded_commands(sub)
+        cmds = record_commands(sub)
+        recorded = list(dict.fromkeys(c for c in cmds if c))
         if recorded:
             how += [f"### {dataset}", "", "Commands (as recorded, in the order they ran):", "", "```", *recorded,
                     "```", ""]
             versions = sorted({v for v in sub.get("versions", pd.Series(dtype=str)).fillna("") if v})
             if versions:
                 how += ["Package versions: " + "; ".join(f"`{v}`" for v in versions), ""]
-            rebuilt = recorded_commands(sub, missing=True)
-            if rebuilt:  # older records without a command line
+            if (cmds == "").any():  # older records without a command line
                 how += ["Rebuilt from records that predate recorded commands:", "", "```", *commands, "```", ""]
             how.append(to_markdown(runs))
         else:

@@ -408,7 +408,8 @@ class Trainer:
         replan_at = next_replan_step(plan)
         t_replan, step_replan = t_loop, start
         eta_logged = start > 0 or plan.budget_kind == "time"
-        stop_req = StopRequest().__enter__()
+        stop_req = StopRequest()
+        stop_req.install()
         try:
             while step < plan.total_steps:
                 torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
@@ -444,8 +445,9 @@ class Trainer:
                 if done % every == 0 or done == plan.total_steps:
                     now = time.perf_counter()
                     want_ckpt = float(main and (now - last_ckpt >= cfg.train.ckpt_every_s))
-                    flags = distributed.all_reduce_max(torch.tensor(
-                        [acc.first_bad.item(), want_ckpt, float(stop_req.signum)], device=self.device))
+                    flags = distributed.all_reduce_max(torch.stack([  # no host sync before the all-reduce
+                        acc.first_bad.float(), torch.tensor(want_ckpt, device=self.device),
+                        torch.tensor(float(stop_req.signum), device=self.device)]))
                     if flags[0].item() >= 0:
                         raise NonFiniteLoss(int(flags[0].item()), self.run_dir)
                     mean_loss = float(distributed.all_reduce_mean(acc.loss_sum / acc.n).item())
@@ -469,7 +471,7 @@ class Trainer:
                         self._save(done, elapsed_before + time.perf_counter() - t_loop, plan, opt, complete=False)
                         last_ckpt = time.perf_counter()
         finally:
-            stop_req.__exit__()
+            stop_req.restore()
             if board is not None:
                 board.close()
             bar.close()
