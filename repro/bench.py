@@ -268,11 +268,13 @@ class DataRow:
 
 
 def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool, steps: int, warmup: int,
-               device: torch.device, tag: str, scratch: Path, sets: dict[str, Any], num_workers: int) -> DataRow:
-    """img/s of the batch source alone, and of the training step fed by it vs by one synthetic batch.
+               device: torch.device, tag: str, scratch: Path, sets: dict[str, Any], num_workers: int,
+               decode: str = "fast", with_step: bool = True) -> DataRow:
+    """img/s of the batch source alone, and (``with_step``) of the training step fed by it vs by one synthetic batch.
 
     ``data``: the :class:`repro.data.DatasetSplits` from :func:`repro.data.load_data`."""
-    from repro.data import StepSampler, TensorImages, make_batch_source
+    from repro.data import TensorImages
+    from repro.sources import StepSampler, make_batch_source, resolve_workers
 
     cfg = model_config(method_name, model, batch, compile=False, amp=amp, sets=sets)
     torch.manual_seed(0)
@@ -280,8 +282,9 @@ def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool
     size = method.backbone.img_size
     sampler = StepSampler(len(data.train), batch, seed=0)
     source = make_batch_source(data, method.views, size, sampler, device,
-                               replace(cfg.data, num_workers=num_workers))
-    kind = "in-memory on " + device.type if isinstance(data.train, TensorImages) else f"DataLoader x{num_workers}"
+                               replace(cfg.data, num_workers=num_workers, decode=decode))
+    kind = "in-memory on " + device.type if isinstance(data.train, TensorImages) \
+        else f"decode={decode}, DataLoader x{resolve_workers(num_workers)}"
 
     def img_per_s(run: Callable[[int], Any]) -> float:
         """Wall clock over ``steps`` calls after ``warmup`` (device synced at both ends): the same clock for the
@@ -298,6 +301,10 @@ def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool
     it = source.batches(0, warmup + steps)
     loader_ips = img_per_s(lambda i: next(it))
     it.close()
+    if not with_step:
+        nan = float("nan")
+        return DataRow(device_name(device), tag, model, method_name, batch, kind, loader_ips, nan, nan, nan,
+                       _dt.date.today().isoformat())
     step = make_step(cfg, method, device)
     fixed = synthetic_batch(method, batch, device)
     synth = img_per_s(lambda i: step(fixed, i))
@@ -369,9 +376,10 @@ def render_markdown(runs, data) -> str:
                   "| device | tag | model | method | batch | source | loader img/s | synthetic img/s | real img/s "
                   "| real / synthetic |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in data.itertuples():
+            step = ("-", "-", "-") if r.synthetic_img_per_s != r.synthetic_img_per_s else (  # NaN: --data-only
+                f"{r.synthetic_img_per_s:.0f}", f"{r.real_img_per_s:.0f}", f"{100 * r.ratio:.1f}%")
             lines.append(f"| {r.device} | {r.tag} | {r.model} | {r.method} | {r.batch} | {r.source} | "
-                         f"{r.loader_img_per_s:.0f} | {r.synthetic_img_per_s:.0f} | {r.real_img_per_s:.0f} | "
-                         f"{100 * r.ratio:.1f}% |")
+                         f"{r.loader_img_per_s:.0f} | {step[0]} | {step[1]} | {step[2]} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -385,7 +393,8 @@ def write_results(out: Path, rows: list[Row], data_rows: list[DataRow]) -> tuple
     runs = _merge_csv(csv, [asdict(r) for r in rows],
                       ["device", "tag", "variant", "model", "method", "batch", "compile"]) \
         if rows or csv.exists() else None
-    data = _merge_csv(data_csv, [asdict(r) for r in data_rows], ["device", "tag", "model", "method", "batch"]) \
+    data = _merge_csv(data_csv, [asdict(r) for r in data_rows],
+                      ["device", "tag", "model", "method", "batch", "source"]) \
         if data_rows or data_csv.exists() else None
     md = out.with_suffix(".md")
     atomic_write_text(md, render_markdown(runs, data) + "\n")
@@ -436,7 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed steps (median reported; default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (compilation, autotune; default 5)")
     p.add_argument("--data", default=None, help="also measure the data path on this dataset (ImageFolder/CIFAR)")
-    p.add_argument("--num-workers", type=int, default=8, help="DataLoader workers for streamed datasets")
+    p.add_argument("--data-only", action="store_true",
+                   help="with --data: measure the data path alone (stages per core, loader img/s), no training steps")
+    p.add_argument("--decode", nargs="+", default=None, choices=("pil", "fast", "gpu"),
+                   help="streamed datasets: the data.decode pipelines to measure side by side (default: pil fast, and "
+                        "gpu on CUDA)")
+    p.add_argument("--stage-images", type=int, default=200,
+                   help="images per (method, pipeline) in the per-stage breakdown (default 200)")
+    p.add_argument("--num-workers", type=int, default=-1,
+                   help="DataLoader workers for streamed datasets (-1: one per core this process may use, less one)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every method (as repro.run --set)")
     p.add_argument("--variant", nargs="+", default=["tuned"], choices=sorted(VARIANTS),
@@ -468,6 +485,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method {unknown[0]!r}; one of {', '.join(METHODS)}")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+    if args.data_only and not args.data:
+        raise ConfigError("--data-only needs --data PATH")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -491,13 +510,20 @@ def _main(args: argparse.Namespace) -> int:
         from repro.data import load_data
 
         data = load_data(DataConfig(path=args.data, num_workers=args.num_workers))
+    from repro.data import FileImages
+
+    streamed = data is not None and isinstance(data.train, FileImages)
+    decodes = args.decode or (["pil", "fast", "gpu"] if device.type == "cuda" else ["pil", "fast"])
     rows: list[Row] = []
     data_rows: list[DataRow] = []
+    stage_rows: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="repro-bench-") as tmp:
         for model in models:
             for name in methods:
                 batch = _batch_for(name, model, device, given)
-                for v in args.variant:
+                if streamed:
+                    stage_rows += _stages(name, model, batch, data, device, args, Path(tmp), sets)
+                for v in ([] if args.data_only else args.variant):
                     for c in compiles:
                         r = bench_method(name, model, batch, compile=c, amp=amp, steps=args.steps,
                                          warmup=args.warmup, device=device, peak=peak, tag=args.tag,
@@ -506,17 +532,40 @@ def _main(args: argparse.Namespace) -> int:
                         log.info("%-6s %-7s %-12s batch %4d %-8s %8.0f img/s %7.1f ms/step %6.1f TFLOP/s MFU %5.1f%%%s",
                                  model, name, r.variant, batch, "compiled" if c else "eager", r.img_per_s,
                                  r.ms_per_step, r.tflops, 100 * r.mfu, f" ({r.note})" if r.note else "")
-                if data is not None:
+                for decode in (decodes if streamed else ["fast"]) if data is not None else []:
                     d = bench_data(name, model, batch, data, amp=amp, steps=args.steps, warmup=args.warmup,
                                    device=device, tag=args.tag, scratch=Path(tmp), sets=sets,
-                                   num_workers=args.num_workers)
+                                   num_workers=args.num_workers, decode=decode, with_step=not args.data_only)
                     data_rows.append(d)
                     log.info("%-6s %-7s data: %s loader %.0f img/s; step real %.0f vs synthetic %.0f img/s (%.1f%%)",
                              model, name, d.source, d.loader_img_per_s, d.real_img_per_s, d.synthetic_img_per_s,
                              100 * d.ratio)
     md, csv = write_results(Path(args.out), rows, data_rows)
     log.info("wrote %s and %s", md, csv)
+    if stage_rows:
+        from repro.bench_data import write_stages
+
+        log.info("wrote %s", write_stages(Path(args.out), stage_rows, _merge_csv))
     return 0
+
+
+def _stages(name: str, model: str, batch: int, data: Any, device: torch.device, args: argparse.Namespace,
+            scratch: Path, sets: dict[str, Any]) -> list[Any]:
+    """The per-stage, per-core breakdown of each ``--decode`` pipeline for this method's views."""
+    from repro.bench_data import measure_stages
+
+    cfg = model_config(name, model, batch, compile=False, amp=False, sets=sets)
+    method = build(cfg, torch.device("cpu"), scratch)
+    out = []
+    for decode in args.decode or ["pil", "fast", "gpu"]:
+        r = measure_stages(data.train, method.views, method.backbone.img_size, decode, images=args.stage_images,
+                           batch=batch, device=device, method=name, tag=args.tag, device_label=device_name(device))
+        out.append(r)
+        log.info("%-7s %d view(s) @%d decode=%-4s %s -> %.2f ms/img, %.0f img/s per core", name, r.views, r.size,
+                 decode, " ".join(f"{k} {getattr(r, k + '_ms'):.2f}" for k in ("read", "decode", "crop", "augment",
+                                                                              "collate")),
+                 r.worker_ms, r.img_per_s_per_core)
+    return out
 
 
 if __name__ == "__main__":

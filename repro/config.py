@@ -62,14 +62,20 @@ class DataConfig:
     """Seed of the built-in dataset (train uses it, test uses it + 1); fixed so every run sees the same data."""
     in_memory: str = "auto"
     """'auto' decodes small-image datasets (<= 64 px) once to a uint8 tensor; 'yes' forces it; 'no' streams."""
-    num_workers: int = 8
-    """DataLoader workers for the streaming (ImageFolder at full resolution) path."""
+    num_workers: int = -1
+    """DataLoader workers for the streaming (ImageFolder at full resolution) path; -1 = the cores this process may
+    use, divided by the processes on the node, less one (``repro.sources.auto_workers``)."""
+    decode: str = "fast"
+    """How streamed images are decoded (``repro.sources``): 'fast' (reduced-DCT decode, uint8 crops, augmentation on
+    the device), 'pil' (the plain torchvision pipeline) or 'gpu' (batched nvJPEG decode on the training device)."""
     bad_images: str = "skip"
     """Corrupt/unreadable image policy: 'skip' (count and warn) or 'fail'."""
 
     def __post_init__(self) -> None:
         if self.in_memory not in ("auto", "yes", "no"):
             raise ConfigError(f"data.in_memory must be auto|yes|no, got {self.in_memory!r}")
+        if self.decode not in ("fast", "pil", "gpu"):
+            raise ConfigError(f"data.decode must be fast|pil|gpu, got {self.decode!r}")
         if self.bad_images not in ("skip", "fail"):
             raise ConfigError(f"data.bad_images must be skip|fail, got {self.bad_images!r}")
         if self.builtin_train < 1 or self.builtin_test < 1:
@@ -215,6 +221,8 @@ class RunConfig:
         for noise in ("log_every", "ckpt_every_s", "device", "tensorboard"):
             d["train"].pop(noise, None)
         d["data"].pop("num_workers", None)
+        if d["data"].get("decode") == "fast" or d["data"].get("path") is None:
+            d["data"].pop("decode", None)  # the default (and irrelevant to built-in data): hashes of older runs hold
         d.pop("eval", None)  # evals are keyed separately; the pretraining run is the same
         if d["data"].get("path") is None:  # a new built-in generator is new data: runs of the old one do not resume
             d["data"]["builtin_version"] = BUILTIN_DATA_VERSION

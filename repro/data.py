@@ -7,13 +7,8 @@ Layouts read:
 - **CIFAR-10/100 python pickles** (``data_batch_1..5``/``test_batch`` or ``train``/``test``), read with an
   unpickler that only admits the numpy array types those files contain.
 
-Small images (<= 64 px, ``data.in_memory=auto``) are decoded once into a uint8 tensor held on the training
-device; crops, flips and masks are then made there in batches (:class:`TensorBatchSource`). Larger
-images stream through a DataLoader with workers, pinned memory and per-image torchvision transforms
-(:class:`StreamBatchSource`).
-
-The order of the data is a pure function of (seed, epoch): step ``s`` of a run always sees the same images,
-which is what lets a resumed run continue exactly where it stopped.
+Small images (<= 64 px, ``data.in_memory=auto``) are decoded once into a uint8 tensor (:class:`TensorImages`);
+larger ones stay files (:class:`FileImages`). How either becomes training batches is ``repro.sources``.
 """
 
 from __future__ import annotations
@@ -33,8 +28,7 @@ import torch
 from torch import Tensor
 
 from repro.config import DataConfig
-from repro.method import Batch
-from repro.views import TensorAugment, ViewSpec, normalize_uint8, pil_eval_transform, pil_view_transform
+from repro.views import normalize_uint8, pil_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -355,66 +349,6 @@ def load_data(cfg: DataConfig) -> DatasetSplits:
     return load_imagefolder(root, cfg)
 
 
-# ----------------------------------------------------------------------------------------- batch sources
-
-
-class StepSampler:
-    """Which images step ``s`` uses on this rank: a pure function of (seed, epoch), drop-last batches."""
-
-    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        if global_batch % world_size:
-            raise DataError(f"train.batch_size={global_batch} is not divisible by the {world_size} processes")
-        if global_batch > num_images:
-            raise DataError(f"train.batch_size={global_batch} is larger than the training set ({num_images} images);"
-                            " set train.batch_size")
-        self.n, self.global_batch, self.seed = num_images, global_batch, seed
-        self.rank, self.world = rank, world_size
-        self.local_batch = global_batch // world_size
-        self.steps_per_epoch = num_images // global_batch
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def permutation(self, epoch: int) -> Tensor:
-        """The order of epoch ``epoch`` (a CPU tensor; drawn from a CPU generator on every device)."""
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
-        return self._perm
-
-    def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, first position in that epoch's permutation) of this rank's slice of step ``step``."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        return epoch, i * self.global_batch + self.rank * self.local_batch
-
-    def indices(self, step: int) -> Tensor:
-        epoch, start = self.locate(step)
-        return self.permutation(epoch)[start:start + self.local_batch]
-
-
-class TensorBatchSource:
-    """Augmented batches from a uint8 image tensor that lives on the training device."""
-
-    def __init__(self, split: TensorImages, spec: ViewSpec, size: int, mean, std, sampler: StepSampler,
-                 device: torch.device) -> None:
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
-        self.augment = TensorAugment(spec, size, mean, std)
-        self.sampler = sampler
-        self.device = device
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def batch(self, step: int) -> Batch:
-        # the epoch's order is copied to the device once: a per-step copy of the indices would sync the host
-        epoch, start = self.sampler.locate(step)
-        if epoch != self._epoch:
-            self._perm, self._epoch = self.sampler.permutation(epoch).to(self.device), epoch
-        idx = self._perm[start:start + self.sampler.local_batch]
-        return Batch(self.augment(self.images[idx]), self.labels[idx])
-
-    def batches(self, start: int, stop: int) -> Iterator[Batch]:
-        for s in range(start, stop):
-            yield self.batch(s)
-
-
 class _FileDataset(torch.utils.data.Dataset):
     def __init__(self, split: FileImages, transform, policy: str) -> None:
         self.split, self.transform, self.policy = split, transform, policy
@@ -435,49 +369,6 @@ class _FileDataset(torch.utils.data.Dataset):
             out = self.transform(img)
             return (out if isinstance(out, tuple) else (out,)), int(self.split.labels[j])
         raise DataError("no readable image in the dataset")
-
-
-class _StepBatchSampler(torch.utils.data.Sampler):
-    def __init__(self, sampler: StepSampler, start: int, stop: int) -> None:
-        self.sampler, self.start, self.stop = sampler, start, stop
-
-    def __iter__(self):
-        for s in range(self.start, self.stop):
-            yield self.sampler.indices(s).tolist()
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-class StreamBatchSource:
-    """Per-image torchvision transforms in DataLoader workers (ImageFolder at full resolution)."""
-
-    def __init__(self, split: FileImages, spec: ViewSpec, size: int, mean, std, sampler: StepSampler,
-                 device: torch.device, num_workers: int, policy: str) -> None:
-        self.dataset = _FileDataset(split, pil_view_transform(spec, size, mean, std), policy)
-        self.sampler, self.device, self.num_workers = sampler, device, num_workers
-
-    def batches(self, start: int, stop: int) -> Iterator[Batch]:
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_StepBatchSampler(self.sampler, start, stop), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-        )
-        try:
-            for views, labels in loader:
-                yield Batch(tuple(v.to(self.device, non_blocking=True) for v in views),
-                            labels.to(self.device, non_blocking=True))
-        except DataError as e:  # a worker's error comes back with its traceback in the message: keep the last line
-            raise DataError(str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) \
-                from None
-
-
-def make_batch_source(data: DatasetSplits, spec: ViewSpec, size: int, sampler: StepSampler, device: torch.device,
-                      cfg: DataConfig):
-    if isinstance(data.train, TensorImages):
-        return TensorBatchSource(data.train, spec, size, data.mean, data.std, sampler, device)
-    return StreamBatchSource(data.train, spec, size, data.mean, data.std, sampler, device, cfg.num_workers,
-                             cfg.bad_images)
 
 
 def balanced_subset(split: Split, n: int) -> Split:

@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+DATA_BOUND_SHARE = 0.10
+"""A run that spends more than this share of its pre-training wall-clock waiting for batches is data-bound: the
+trainer says so when it ends and the tables flag it."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ResultRecord:
@@ -42,6 +46,8 @@ class ResultRecord:
     images_per_second: float | None = None
     device_hours: float | None = None
     """pretrain_seconds x world_size / 3600 (GPU-hours on CUDA, CPU-process-hours on CPU)."""
+    data_wait_share: float | None = None
+    """Share of the pre-training wall-clock spent waiting for batches (above :data:`DATA_BOUND_SHARE`: data-bound)."""
     eval_seconds: float | None = None
     status: str = "ok"
     config_hash: str = ""

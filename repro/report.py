@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from repro.checkpoint import atomic_write, atomic_write_text
-from repro.records import ReadProblem, ResultRecord, read_all
+from repro.records import DATA_BOUND_SHARE, ReadProblem, ResultRecord, read_all
 
 KEY = ["dataset", "method", "model", "budget", "eval", "metric", "seed"]
 EVAL_ORDER = ["knn", "linear", "finetune", "ade20k", "coco"]
@@ -121,6 +121,18 @@ def budget_misses(pre: pd.DataFrame) -> list[str]:
     return out
 
 
+def data_bound(pre: pd.DataFrame) -> list[str]:
+    """One line per seed whose pre-training waited for batches more than :data:`DATA_BOUND_SHARE` of its time."""
+    if "data_wait_share" not in pre:
+        return []
+    out = []
+    for _, r in pre.sort_values("seed").iterrows():
+        w = r.get("data_wait_share")
+        if w is not None and not pd.isna(w) and w > DATA_BOUND_SHARE:
+            out.append(f"seed {r['seed']} data-bound: waited for batches {w:.0%} of pre-training")
+    return out
+
+
 def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     """One dataset's rows -> the comparison table (strings, ready to print); ``note`` holds pre-training notes."""
     rows = []
@@ -144,7 +156,7 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
         for e, m in cols:
             row[f"{e} {m}"] = _fmt(g[(g["eval"] == e) & (g["metric"] == m)]["value"], seeds)
         notes = pre.sort_values("seed")["note"].fillna("") if "note" in pre else pd.Series([], dtype=str)
-        row["note"] = "; ".join(dict.fromkeys([*(n for n in notes if n), *budget_misses(pre)]))
+        row["note"] = "; ".join(dict.fromkeys([*(n for n in notes if n), *budget_misses(pre), *data_bound(pre)]))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

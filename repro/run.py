@@ -139,7 +139,7 @@ def _extra(cfg: RunConfig, r: TrainResult) -> dict:
         "device_hours": r.pretrain_seconds * r.world_size / 3600, "final_loss": r.final_loss,
         "calibration_seconds": r.plan.calibration_seconds, "seconds_per_step_calibrated": r.plan.seconds_per_step,
         "global_batch": r.plan.global_batch, "lr": r.plan.lr, "warmup_steps": r.plan.warmup_steps,
-        "flops_per_image": r.plan.flops_per_image,
+        "flops_per_image": r.plan.flops_per_image, "data_wait_share": r.data_wait_share,
     }
 
 
@@ -238,8 +238,9 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
             export_extra(run_dir, name, state)
         # without write_export: weights only; the export is unfinished until the caller writes its metadata
         export_backbone(run_dir, method.eval_backbone().export_state_dict(), meta if write_export else None)
-        log.info("%s: %d steps (%.1f epochs) in %.1fs, %.0f img/s, final loss %.4f -> %s", cfg.method, result.steps,
-                 result.plan.epochs, result.pretrain_seconds, result.images_per_second, result.final_loss, run_dir)
+        log.info("%s: %d steps (%.1f epochs) in %.1fs, %.0f img/s (%.0f%% waiting for data), final loss %.4f -> %s",
+                 cfg.method, result.steps, result.plan.epochs, result.pretrain_seconds, result.images_per_second,
+                 100 * result.data_wait_share, result.final_loss, run_dir)
     return meta
 
 
@@ -254,7 +255,8 @@ def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
         seed=meta.seed, selection="last step", device=x.get("device", ""), world_size=int(x.get("world_size", 1)),
         budget_seconds=budget.seconds, pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps,
         epochs=x.get("epochs"), images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
-        config_hash=meta.config_hash, git_revision=meta.git_revision, recipe=x.get("recipe", ""), time=now_iso(),
+        data_wait_share=x.get("data_wait_share"), config_hash=meta.config_hash, git_revision=meta.git_revision,
+        recipe=x.get("recipe", ""), time=now_iso(),
         note=str(x.get("note", "")),
     )
 

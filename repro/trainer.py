@@ -44,11 +44,13 @@ from repro.checkpoint import (
     save_checkpoint,
 )
 from repro.config import ConfigError, RunConfig
-from repro.data import DatasetSplits, StepSampler, make_batch_source
+from repro.data import DatasetSplits
 from repro.distributed import DistInfo
 from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
+from repro.records import DATA_BOUND_SHARE
+from repro.sources import StepSampler, make_batch_source
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,8 @@ class TrainResult:
     device: str
     world_size: int
     resumed: bool
+    data_wait_share: float = 0.0
+    """Share of this segment's wall-clock the loop spent waiting for its next batch (:data:`DATA_BOUND_SHARE`)."""
 
 
 def _continued(step: int, start: int, plan: Plan) -> float:
@@ -396,6 +400,7 @@ class Trainer:
                    desc=f"{self.method.name} pretrain", leave=True)
         acc = _Accumulator(self.device)
         last_loss = float("nan")
+        wait_log = wait_total = 0.0  # seconds spent in next(batches): in this log interval, in this segment
         t_loop = time.perf_counter()
         t_log, step_log = t_loop, start
         last_ckpt = t_loop
@@ -413,7 +418,11 @@ class Trainer:
         try:
             while step < plan.total_steps:
                 torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
-                acc.add(self._step(step, next(it), plan, opt), step)
+                t_wait = time.perf_counter()
+                batch = next(it)
+                waited = time.perf_counter() - t_wait
+                wait_log, wait_total = wait_log + waited, wait_total + waited
+                acc.add(self._step(step, batch, plan, opt), step)
                 bar.update(1)
                 done = step + 1
                 step = done
@@ -455,7 +464,8 @@ class Trainer:
                     ips = (done - step_log) * plan.global_batch / max(1e-9, now - t_log)
                     if main:
                         rec = {"step": done, "loss": mean_loss, "lr": lr_at(done - 1, plan), "img_per_s": ips,
-                               "elapsed_s": elapsed_before + now - t_loop}
+                               "elapsed_s": elapsed_before + now - t_loop,
+                               "data_wait": wait_log / max(1e-9, now - t_log)}
                         rec.update({k: float((v / acc.n).item()) for k, v in acc.logs_sum.items()})
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
@@ -463,7 +473,7 @@ class Trainer:
                             board.scalars("train", {k: v for k, v in rec.items() if k != "step"}, done)
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
                     acc.reset()
-                    t_log, step_log = now, done
+                    t_log, step_log, wait_log = now, done, 0.0
                     if flags[2].item() > 0 and done < plan.total_steps:  # every rank stops at this boundary
                         self._preempt(int(flags[2].item()), done, elapsed_before + time.perf_counter() - t_loop,
                                       plan, opt)
@@ -485,10 +495,18 @@ class Trainer:
             ips = float(state.get("images_per_second", 0.0))
             last_loss = float(state.get("final_loss", float("nan")))
         # the complete checkpoint keeps what the summary reports: a kill before the export must not lose it
-        self._save(plan.total_steps, elapsed, plan, opt, complete=True, final_loss=last_loss, images_per_second=ips)
+        wait_share = wait_total / seg_seconds if ran and seg_seconds > 0 else 0.0
+        if ran == 0 and state is not None:
+            wait_share = float(state.get("data_wait_share", 0.0))
+        self._save(plan.total_steps, elapsed, plan, opt, complete=True, final_loss=last_loss, images_per_second=ips,
+                   data_wait_share=wait_share)
         result = TrainResult(plan, plan.total_steps, elapsed, ips, last_loss, self._device_name(),
-                             self.dist.world_size, state is not None)
+                             self.dist.world_size, state is not None, wait_share)
         if main:
+            if wait_share > DATA_BOUND_SHARE:
+                log.warning("%s waited for data %.0f%% of its pre-training time: the run is data-bound (more "
+                            "data.num_workers, data.decode=gpu, or a smaller image store; see the README)",
+                            self.method.name, 100 * wait_share)
             self._save_summary(result)
         return result
 

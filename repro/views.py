@@ -8,7 +8,8 @@ Two back-ends produce the same distribution of views:
 - :class:`TensorAugment` — batched, on whatever device holds a uint8 image tensor (the small-data path):
   per-sample RandomResizedCrop boxes sampled like torchvision's, resampled with ``grid_sample``, flips, and
   per-sample photometric parameters drawn like torchvision's (jitter order permuted per image).
-- :func:`pil_view_transform` — torchvision transforms per image for the streaming ImageFolder path.
+- :func:`pil_view_transform` — torchvision transforms per image (the plain streaming pipeline,
+  ``data.decode=pil``; ``repro.sources`` has the faster default).
 
 Blur sigmas are stated for 224-px crops (BYOL: 0.1-2.0) and scale with the crop size, so a 32-px view is
 blurred by the same fraction of the image.
@@ -334,8 +335,9 @@ def pil_photometric(p: Photometric, size: int):
     return out
 
 
-def pil_view_transform(spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
-    """torchvision per-image transform producing ``spec.count`` views (streaming ImageFolder path)."""
+def pil_view_parts(spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """The two halves of :func:`pil_view_transform`: crop + flip (PIL in, PIL out) and, per view, photometric ops
+    + ToTensor + Normalize (PIL in, float tensor out)."""
     from torchvision import transforms as T
 
     interp = T.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
@@ -343,6 +345,14 @@ def pil_view_transform(spec: ViewSpec, size: int, mean: tuple[float, ...], std: 
                       T.RandomHorizontalFlip(spec.hflip)])
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     per_view = [T.Compose([*pil_photometric(spec.view_photometric(i), size), *tail]) for i in range(spec.count)]
+    return crop, per_view
+
+
+def pil_view_transform(spec: ViewSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """torchvision per-image transform producing ``spec.count`` views (``data.decode=pil``)."""
+    from torchvision import transforms as T
+
+    crop, per_view = pil_view_parts(spec, size, mean, std)
     if spec.count == 1:
         return T.Compose([crop, per_view[0]])
     if spec.shared_crop:

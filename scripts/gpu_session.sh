@@ -2,7 +2,7 @@
 # The GPU checks of issues 7 (speed) and 8 (CIFAR-10 result), prepared to run as one call on a lent GPU machine
 # (see the README, "Speed and MFU"). Run from the repository root; writes under $OUT (default ./gpu-out).
 #
-#   scripts/gpu_session.sh bench             # ~8 min on an H100/H200: throughput + data path -> $OUT/throughput*
+#   scripts/gpu_session.sh bench             # ~11 min on an H100/H200: throughput + data paths -> $OUT/throughput*
 #   SEED=0 BUDGET=1m scripts/gpu_session.sh cifar10   # one seed of the six-method CIFAR-10 table (resumable)
 #
 # CIFAR-10: put cifar10-jpeg.tar.gz (../shared/data) in .data/ (git-ignored) and carry .data; it is unpacked to
@@ -31,6 +31,11 @@ bench)
     timeout 300 $B --model vit_b --variant naive tuned --compile off --tag vit_b 2>&1 | grep -v "^W" || true
     timeout 240 $B --model vit_b --variant tuned --compile on --tag vit_b 2>&1 | grep -v "^W" || true
     timeout 150 $B --model vit_s vit_l --variant tuned --compile off --tag sizes 2>&1 | grep -v "^W" || true
+    # ImageNet-format streaming (issue 18): generated ImageNet-sized JPEGs; per-core stages and the real step fed by
+    # each decode pipeline (pil = plain torchvision, fast = reduced DCT + uint8 crops, gpu = batched nvJPEG)
+    [ -d /tmp/jpegs/train ] || $PY -m repro.bench_data /tmp/jpegs 4000 >/dev/null
+    timeout 240 $B micl mae mocov3 --model vit_b --compile off --data /tmp/jpegs --decode pil fast gpu \
+        --tag imagenet-jpeg 2>&1 | grep -v "^W" || true
     if [ -f .data/cifar10-jpeg.tar.gz ]; then
         cifar
         timeout 150 $B micl mae mocov3 --model cifar10 --compile off --data /tmp/cifar10 --tag cifar10 2>&1 \

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from repro.config import DataConfig
-from repro.data import DataError, StepSampler, load_data, make_shapes
+from repro.data import DataError, load_data, make_shapes
+from repro.sources import StepSampler
 from repro.views import TensorAugment, ViewSpec, sample_crop_boxes
 
 

@@ -272,6 +272,20 @@ def test_wall_clock_runs_off_budget_are_flagged_with_their_time(tmp_path):
     assert "seed 0 pre-trained" not in md
 
 
+def test_data_bound_runs_are_flagged_with_their_wait(tmp_path):
+    results = tmp_path / "results"
+    recs = [ResultRecord(method="mae", model=TINY, dataset="toy", budget="100steps", seed=seed, eval="pretrain",
+                         metric="final_loss", value=0.5, steps=100, epochs=1.0, pretrain_seconds=60.0,
+                         images_per_second=100.0, device_hours=0.02, data_wait_share=share,
+                         time="2026-01-01T00:00:00")
+            for seed, share in ((0, 0.04), (1, 0.37))]  # 4% is fine; 37% of the time waiting is data-bound
+    append_records(results / "records" / "toy.jsonl", recs)
+    generate(results)
+    md = (results / "toy.md").read_text()
+    assert "seed 1 data-bound: waited for batches 37% of pre-training" in md
+    assert "seed 0 data-bound" not in md
+
+
 def test_notes_and_claims_head_the_results_readme(tmp_path):
     results, _ = setup_results(tmp_path)
     (results / "NOTES.md").write_text("# What was run\n\nhand-written\n")

@@ -124,6 +124,31 @@ def test_time_budget_calibration_leaves_no_trace(tmp_path):
         assert torch.equal(v, m.state_dict()[k]), k
 
 
+def test_time_spent_waiting_for_data_is_logged_and_a_data_bound_run_is_named(tmp_path, caplog):
+    import json
+    import logging
+    import time
+
+    t, _ = _trainer(tmp_path, "mae", budget="6steps")
+    real = t.source.batch
+
+    def slow(step):  # a batch source far slower than the step
+        time.sleep(0.25)
+        return real(step)
+
+    t.source.batch = slow
+    with caplog.at_level(logging.WARNING, logger="repro.trainer"):
+        result = t.fit()
+    assert result.data_wait_share > 0.5 and "waited for data" in caplog.text and "data-bound" in caplog.text
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.5 < x["data_wait"] <= 1.0 for x in lines)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["data_wait_share"] == result.data_wait_share
+
+    fast, _ = _trainer(tmp_path / "fast", "mae", budget="6steps")
+    assert fast.fit().data_wait_share < 0.5  # in-memory batches: the step dominates
+
+
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
     t, m = _trainer(tmp_path, "mae", budget="9steps")
     real = m.forward
