@@ -401,6 +401,10 @@ def finetune(ctx: EvalContext, export_dir: Path, log_every: int = 10) -> tuple[F
     return FinetuneResult(top1, top5, last, total, batch, total / steps_per_epoch, lr, mapping, model), meta
 
 
+SETTINGS = ("finetune_recipe", "finetune_epochs", "finetune_batch_size")
+"""The ``eval`` settings this protocol's numbers depend on (they key its done-marker and records)."""
+
+
 def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     t0 = time.perf_counter()
     name, recipe = resolve_recipe(ctx.cfg)

@@ -34,6 +34,10 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: i
     return torch.cat(preds)
 
 
+SETTINGS = ("knn_k", "knn_temperature", "train_subset")
+"""The ``eval`` settings this protocol's numbers depend on (they key its done-marker and records)."""
+
+
 def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     t0 = time.perf_counter()
     f, meta = ctx.features(export_dir)

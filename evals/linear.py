@@ -97,6 +97,11 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return perm[k:], perm[:k]
 
 
+SETTINGS = ("linear_epochs", "linear_warmup_epochs", "linear_batch_size", "linear_base_lrs", "holdout_fraction",
+            "train_subset")
+"""The ``eval`` settings this protocol's numbers depend on (they key its done-marker and records)."""
+
+
 def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     t0 = time.perf_counter()
     f, meta = ctx.features(export_dir)

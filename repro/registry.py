@@ -29,3 +29,13 @@ EVALS: dict[str, Callable] = {
     "ade20k": dense.ade20k,
     "coco": dense.coco,
 }
+
+EVAL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "knn": knn.SETTINGS,
+    "linear": linear.SETTINGS,
+    "finetune": finetune.SETTINGS,
+    "ade20k": dense.ADE20K_SETTINGS,
+    "coco": dense.COCO_SETTINGS,
+}
+"""Per evaluation, the ``eval.*`` settings its numbers depend on: an export evaluated again with other values is
+evaluated again (``repro.run.eval_key``), and a table cell whose seeds disagree on them says so."""

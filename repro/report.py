@@ -153,10 +153,16 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
         else:
             for k in ("steps", "epochs", "pretrain time", "img/s", "device-hours", "final loss"):
                 row[k] = "0" if method in UNTRAINED and k in ("steps", "epochs") else ""
+        mixed = []
         for e, m in cols:
-            row[f"{e} {m}"] = _fmt(g[(g["eval"] == e) & (g["metric"] == m)]["value"], seeds)
+            cell = g[(g["eval"] == e) & (g["metric"] == m)]
+            row[f"{e} {m}"] = _fmt(cell["value"], seeds)
+            keys = set(cell["eval_key"].fillna("")) - {""} if "eval_key" in cell else set()
+            if len(keys) > 1 and e not in mixed:
+                mixed.append(e)
         notes = pre.sort_values("seed")["note"].fillna("") if "note" in pre else pd.Series([], dtype=str)
-        row["note"] = "; ".join(dict.fromkeys([*(n for n in notes if n), *budget_misses(pre), *data_bound(pre)]))
+        row["note"] = "; ".join(dict.fromkeys([*(n for n in notes if n), *budget_misses(pre), *data_bound(pre),
+                                               *(f"{e}: seeds evaluated with different settings" for e in mixed)]))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

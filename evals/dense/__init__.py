@@ -68,6 +68,10 @@ def run_task(ctx: Any, export_dir: Path, task: str) -> list[ResultRecord]:
         return [ResultRecord.from_dict(d) for d in json.loads(out.read_text())]
 
 
+ADE20K_SETTINGS = ("ade20k_data", "ade20k_recipe", "ade20k_train_split", "ade20k_val_split")
+COCO_SETTINGS = ("coco_data", "coco_recipe", "coco_train_split", "coco_val_split")
+
+
 def ade20k(ctx: Any, export_dir: Path) -> list[ResultRecord]:
     return run_task(ctx, export_dir, "ade20k")
 

@@ -28,7 +28,7 @@ def test_tensorboard_holds_what_metrics_jsonl_holds_and_the_evals(tmp_path, caps
     for k in keys:
         got = {e.step: e.value for e in acc.Scalars(f"train/{k}")}
         assert got == pytest.approx({r["step"]: r[k] for r in rows}, rel=1e-6)  # float32 in the event file
-    knn = json.loads((d / "evals" / "knn.json").read_text())[0]["value"]
+    knn = json.loads(next((d / "evals").glob("knn-*.json")).read_text())["records"][0]["value"]
     assert [e.value for e in acc.Scalars("eval/knn_top1")] == pytest.approx([knn], rel=1e-6)
 
 
