@@ -47,7 +47,7 @@ from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear
 from repro.heads import bn_mlp, per_token
 from repro.losses import info_nce, patch_info_nce
 from repro.masking import len_keep_mae, random_masking, to_device_async
-from repro.method import BEIT_DECAY, Batch, MethodConfig, PretrainMethod, StepInfo, StepOutput
+from repro.method import BEIT_DECAY, Batch, MethodConfig, Prerequisite, PretrainMethod, StepInfo, StepOutput
 from repro.views import ViewSpec
 
 
@@ -120,8 +120,8 @@ class MimCo(PretrainMethod):
     # decay the learned position table, which MAE's own model never trains
     weight_decay_rule = BEIT_DECAY
     cfg: MimCoConfig
-    teacher_method = "mocov3"
-    """Stage 1: the method ``repro.run`` trains as the teacher when ``method.teacher`` is not given."""
+    prerequisite = Prerequisite("mocov3", config_field="teacher", fraction_field="stage1_fraction")
+    """Stage 1: the MoCo v3 teacher ``repro.run`` trains when ``method.teacher`` is not given."""
 
     def __init__(self, cfg: MimCoConfig, backbone: MaskedViT) -> None:
         super().__init__(cfg, backbone)

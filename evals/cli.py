@@ -19,7 +19,7 @@ import torch
 from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, read_export
 from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
-from repro.recipes import RECIPES, default_recipe
+from repro.recipes import RECIPES, build_config, default_recipe
 from repro.records import ResultRecord, append_records
 from repro.trainer import NonFiniteLoss
 
@@ -60,9 +60,7 @@ def build_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> RunConfig:
     """Eval and data settings: the recipe's (eval/data keys only), the data path, then ``--set``."""
-    recipe = args.recipe or default_recipe(args.data)
-    cfg = RunConfig(method="", method_cfg=None, recipe=recipe)
-    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[recipe]("") if o.key.startswith(_KEYS)})
+    cfg = build_config("", args.recipe or default_recipe(args.data), keys=lambda k: k.startswith(_KEYS))
     cfg = apply_overrides(cfg, {"data.path": args.data} if args.data is not None else {})
     sets = parse_set_args(args.sets)
     bad = [k for k in sets if not (k.startswith(_KEYS) or k == "seed")]

@@ -38,7 +38,7 @@ from repro.backbone import MaskedViT
 from repro.config import ConfigError, DataConfig, RunConfig, apply_overrides, parse_set_args
 from repro.flops import matmul_peak_flops, set_fused_attention
 from repro.method import Batch, PretrainMethod, StepInfo
-from repro.recipes import RECIPES
+from repro.recipes import RECIPES, build_config
 from repro.registry import METHODS
 from repro.views import TensorAugment
 
@@ -86,25 +86,22 @@ def model_config(method: str, model: str, batch: int, *, compile: bool, amp: boo
     recipe, overrides = MODELS.get(model, (model, {}))
     if recipe not in RECIPES:
         raise ConfigError(f"--model {model!r}: not one of {', '.join([*MODELS, *RECIPES])}")
-    cls = METHODS[method]
-    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe=recipe)
-    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[recipe](method)})
-    return apply_overrides(cfg, {**overrides, "train.batch_size": batch, "train.compile": compile,
-                                 "train.amp": amp, **(sets or {})})
+    return build_config(method, recipe, {**overrides, "train.batch_size": batch, "train.compile": compile,
+                                         "train.amp": amp, **(sets or {})})
 
 
-def random_teacher_export(cfg: RunConfig, out: Path) -> Path:
-    """A MoCo v3 export (backbone + projector) of the student's architecture, at its random init (from the global
-    RNG): MimCo's frozen teacher for timing and for tests."""
+def random_teacher_export(cfg: RunConfig, out: Path, teacher: str = "mocov3") -> Path:
+    """A ``teacher`` export (MoCo v3: backbone + projector) of ``cfg``'s architecture, at its random init (from the
+    global RNG): a method's prerequisite (MimCo's frozen teacher) for timing and for tests."""
     from repro.checkpoint import ExportMeta, export_backbone, export_extra
 
-    tcfg = model_config("mocov3", cfg.recipe, 2, compile=False, amp=False)  # the teacher the same recipe trains
+    tcfg = model_config(teacher, cfg.recipe, 2, compile=False, amp=False)  # the teacher the same recipe trains
     tcfg = replace(tcfg, model=cfg.model)
-    cls = METHODS["mocov3"]
+    cls = METHODS[teacher]
     moco = cls(tcfg.method_cfg, MaskedViT(tcfg.model, cls.backbone_options(tcfg.method_cfg)))
     bb = moco.eval_backbone()
     meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
-                      patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method="mocov3", steps=0,
+                      patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method=teacher, steps=0,
                       budget="-", budget_seconds=None, config_hash="bench", git_revision="")
     for name, state in moco.extra_exports().items():
         export_extra(out, name, state)
@@ -114,9 +111,11 @@ def random_teacher_export(cfg: RunConfig, out: Path) -> Path:
 
 def build(cfg: RunConfig, device: torch.device, scratch: Path) -> PretrainMethod:
     cls = METHODS[cfg.method]
-    if getattr(cls, "teacher_method", None) and getattr(cfg.method_cfg, "teacher", None) is None:
-        cfg_teacher = random_teacher_export(cfg, scratch / f"teacher-{cfg.model.name}-{cfg.model.img_size}")
-        cfg = apply_overrides(cfg, {"method.teacher": str(cfg_teacher)})
+    pre = cls.prerequisite
+    if pre is not None and pre.missing(cfg.method_cfg):
+        cfg_teacher = random_teacher_export(cfg, scratch / f"teacher-{cfg.model.name}-{cfg.model.img_size}",
+                                            pre.method)
+        cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(cfg_teacher)})
     method = cls(cfg.method_cfg, MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg)))
     return method.to(device).train()
 

@@ -7,6 +7,7 @@ method (EMA momentum, ...) are functions of ``step.progress`` in [0, 1].
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -79,21 +80,23 @@ BEIT_DECAY = WeightDecayRule(True, skip_names=("backbone.vit.pos_embed", "backbo
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig:
-    """Optimisation defaults every method states from its paper (subclasses override the values)."""
+    """The optimisation every method states from its paper. The six values without a default have none on purpose:
+    a new method's config class must give each (as a field default), or building it fails, instead of silently
+    inheriting another paper's batch, lr or schedule."""
 
-    batch_size: int = 4096
+    batch_size: int
     """Global pre-training batch."""
-    base_lr: float = 1.5e-4
+    base_lr: float
     """Base learning rate; the actual lr is base_lr * batch / 256 unless ``lr_is_absolute``."""
     lr_is_absolute: bool = False
     """True when the paper gives an absolute lr (no batch scaling)."""
-    weight_decay: float = 0.05
+    weight_decay: float
     """AdamW weight decay, on the parameters the method's :class:`WeightDecayRule` selects."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float]
     """AdamW betas."""
-    warmup_epochs: float = 40.0
+    warmup_epochs: float
     """Linear-warmup epochs of the paper schedule (a budgeted run keeps the ratio warmup_epochs / epochs)."""
-    epochs: float = 800.0
+    epochs: float
     """Paper pre-training epochs (reference for the warmup ratio)."""
     min_lr: float = 0.0
     """Floor of the half-cycle cosine."""
@@ -105,14 +108,35 @@ class MethodConfig:
             raise ConfigError("warmup_epochs must be in [0, epochs)")
 
 
-class PretrainMethod(nn.Module):
+@dataclass(frozen=True)
+class Prerequisite:
+    """A stage another method must train before this one (MimCo's MoCo v3 teacher). ``repro.run`` trains
+    ``method`` on the ``fraction_field`` share of the budget, then this method with ``config_field`` pointing at its
+    export, unless the user already gave one; benchmarks and tests give a random one of the same architecture."""
+
+    method: str
+    """The registered method trained first."""
+    config_field: str
+    """Field of this method's config naming the prerequisite's export directory (None = train it)."""
+    fraction_field: str
+    """Field of this method's config: the prerequisite's share of the run's budget."""
+
+    def missing(self, method_cfg: MethodConfig) -> bool:
+        return getattr(method_cfg, self.config_field) is None
+
+
+class PretrainMethod(nn.Module, abc.ABC):
     """Base class of every pre-training method (see DESIGN.md, "The method contract").
 
-    Subclasses define ``forward(batch, step, **controlled) -> StepOutput``.
+    A subclass must define :meth:`forward`, :attr:`views`, :meth:`flops_per_image`, ``name``, ``config_cls`` and
+    ``weight_decay_rule``; Python refuses to build one that misses an abstract member.
     """
 
     name: ClassVar[str] = ""
-    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    config_cls: ClassVar[type[MethodConfig]]
+    """The method's config class, whose field defaults are its paper's values."""
+    prerequisite: ClassVar[Prerequisite | None] = None
+    """A stage that must be trained first (:class:`Prerequisite`); None for most methods."""
     weight_decay_rule: ClassVar[WeightDecayRule]
     """Which parameters AdamW decays, as the official code does (no default: each method states its own)."""
     sync_batchnorm: ClassVar[bool] = True
@@ -124,17 +148,26 @@ class PretrainMethod(nn.Module):
         self.backbone = backbone
 
     @classmethod
+    def paper_config(cls) -> MethodConfig:
+        """The method's configuration as its paper states it: its config class's field defaults."""
+        return cls.config_cls()  # type: ignore[call-arg]  # a subclass gives every field a default
+
+    @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
         """What this method needs from the shared backbone (position embedding, init, [MASK] token)."""
         return BackboneOptions()
 
     @property
+    @abc.abstractmethod
     def views(self) -> ViewSpec:
         """The augmentation pipeline the data loader must produce for this method."""
-        raise NotImplementedError
 
-    # forward(batch: Batch, step: StepInfo, **controlled) -> StepOutput: the loss of one step; ``controlled`` are
-    # the keyword arguments of :meth:`controlled_inputs` (each method names its own: noise, mask, ...).
+    @abc.abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> StepOutput:
+        """``forward(batch: Batch, step: StepInfo, **controlled) -> StepOutput``: the loss of one step.
+        ``controlled`` are the keyword arguments of :meth:`controlled_inputs` (each method names its own: noise,
+        mask, ...); without them the method draws its randomness itself. (Typed loosely here so that each method
+        can name its own keywords.)"""
 
     def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Draw this method's internal randomness (mask noise, boolean masks) as ``forward`` keyword arguments.
@@ -156,6 +189,6 @@ class PretrainMethod(nn.Module):
         """The encoder that is exported and evaluated (online by default; momentum for some methods)."""
         return self.backbone
 
+    @abc.abstractmethod
     def flops_per_image(self) -> float:
         """Analytic training FLOPs per image (forward + backward) for FLOP budgets and MFU."""
-        raise NotImplementedError(f"{self.name} does not define flops_per_image")

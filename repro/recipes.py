@@ -7,7 +7,10 @@ a CPU, a few minutes) and why. ``--set`` overrides come after the recipe.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from repro.config import RunConfig
 
 
 class Override(NamedTuple):
@@ -162,3 +165,19 @@ RECIPES: dict[str, Callable[[str], list[Override]]] = {
 def default_recipe(data_path: str | None) -> str:
     """Built-in data -> 'tiny'; a user dataset -> the paper recipe 'in1k'."""
     return "tiny" if data_path is None else "in1k"
+
+
+def build_config(method: str, recipe: str, overrides: dict[str, Any] | None = None, *,
+                 keys: Callable[[str], bool] | None = None) -> RunConfig:
+    """The one way to build a run's config: ``method``'s paper config, ``recipe``'s overrides for it (only those
+    whose key ``keys`` accepts, when given), then ``overrides`` (``--set`` keys). Used by ``repro.run``, its stages,
+    ``repro.bench``, the eval CLI (``method=""``: no method, eval and data keys only) and the tests."""
+    from repro.config import ConfigError, RunConfig, apply_overrides
+    from repro.registry import METHODS
+
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    cfg = RunConfig(method=method, method_cfg=METHODS[method].paper_config() if method else None, recipe=recipe)
+    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[recipe](method) if keys is None or keys(o.key)})
+    return apply_overrides(cfg, overrides or {})
+

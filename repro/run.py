@@ -39,7 +39,7 @@ from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, p
 from repro.data import DataError, DatasetSplits, load_data
 from repro.lock import PREEMPTED_EXIT, Preempted, RunLocked, run_lock
 from repro.monitor import open_tensorboard
-from repro.recipes import RECIPES, default_recipe
+from repro.recipes import RECIPES, build_config, default_recipe
 from repro.records import ResultRecord, append_records, git_revision, now_iso, read_records
 from repro.registry import EVAL_SETTINGS, EVALS, METHODS
 from repro.trainer import NonFiniteLoss, Trainer, TrainResult, read_summary
@@ -101,10 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) -> RunConfig:
-    cls = METHODS[method]
-    recipe = args.recipe or default_recipe(args.data)
-    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe=recipe)
-    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[recipe](method)})
+    cfg = build_config(method, args.recipe or default_recipe(args.data))
     cfg = replace(cfg, data=replace(cfg.data, path=args.data))
     if args.model:
         cfg = replace(cfg, model=replace(cfg.model, name=args.model))
@@ -147,23 +144,25 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
              records_path: Path) -> ExportMeta:
     """Train (or resume, or skip when finished) one method; returns the export's metadata.
 
-    A method with a teacher stage (``teacher_method``, MimCo) and no ``method.teacher`` first trains the
-    teacher in ``run_dir/stage1-<teacher>`` on ``method.stage1_fraction`` of the budget, then itself on the
-    rest; its export metadata states both stages, and its pre-training time is their sum.
+    A method with a :class:`repro.method.Prerequisite` (MimCo's teacher) that the config does not name first trains
+    it in ``run_dir/stage1-<method>`` on its share of the budget, then itself on the rest; its export metadata
+    states both stages, and its pre-training time is their sum.
     """
     meta_path = run_dir / EXPORT_META
     if (run_dir / EXPORT_WEIGHTS).exists() and meta_path.exists() and read_summary(run_dir) is not None:
         if dist_info.rank == 0:
             log.info("%s: finished run found in %s, skipping pre-training", cfg.method, run_dir)
         return ExportMeta.from_json(meta_path)
-    teacher_method = getattr(METHODS[cfg.method], "teacher_method", None)
-    if teacher_method is None:
+    pre = METHODS[cfg.method].prerequisite
+    if pre is None:
         return _train(cfg, data, dist_info, run_dir, progress, records_path)
-    if getattr(cfg.method_cfg, "teacher", None) is not None:
+    if not pre.missing(cfg.method_cfg):
         meta = _train(cfg, data, dist_info, run_dir, progress, records_path, write_export=False)
-        note = f"teacher {cfg.method_cfg.teacher} given (its pre-training is not in this budget)"
+        note = (f"{pre.config_field} {getattr(cfg.method_cfg, pre.config_field)} given (its pre-training is not in "
+                "this budget)")
         return _finish_export(run_dir, replace(meta, extra={**meta.extra, "note": note}), dist_info)
-    s1_spec, s2_spec = split_budget(cfg.budget.spec, cfg.method_cfg.stage1_fraction)
+    teacher_method = pre.method
+    s1_spec, s2_spec = split_budget(cfg.budget.spec, getattr(cfg.method_cfg, pre.fraction_field))
     s1_cfg = stage_config(teacher_method, cfg, s1_spec)
     s1_dir = run_dir / f"stage1-{teacher_method}"
     if dist_info.rank == 0:
@@ -171,7 +170,7 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
                  teacher_method, s1_spec, cfg.budget.spec, s2_spec)
     s1 = pretrain(s1_cfg, data, dist_info, s1_dir, progress, records_path)
     distributed.barrier()  # the teacher export is written by rank 0
-    s2_cfg = apply_overrides(cfg, {"method.teacher": str(s1_dir.resolve()), "budget.spec": s2_spec})
+    s2_cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(s1_dir.resolve()), "budget.spec": s2_spec})
     s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False)
     x1, x2 = s1.extra, s2.extra
     t1, t2 = float(x1.get("pretrain_seconds") or 0.0), float(x2.get("pretrain_seconds") or 0.0)
@@ -191,9 +190,7 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
 def stage_config(method: str, parent: RunConfig, budget: str) -> RunConfig:
     """The config of a stage another method runs first: its own paper defaults and recipe overrides, the
     parent's model, data, training, evaluation and seed settings, and its share of the budget."""
-    cls = METHODS[method]
-    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe=parent.recipe)
-    cfg = apply_overrides(cfg, {o.key: o.value for o in RECIPES[parent.recipe](method) if o.key.startswith("method.")})
+    cfg = build_config(method, parent.recipe, keys=lambda k: k.startswith("method."))
     return replace(cfg, model=parent.model, data=parent.data, train=parent.train, eval=parent.eval, seed=parent.seed,
                    budget=replace(parent.budget, spec=budget))
 

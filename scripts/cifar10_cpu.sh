@@ -5,6 +5,7 @@
 #   scripts/cifar10_cpu.sh pilot     # lr pilot: held-out 10% of train as the test split, kNN only   (~20 min)
 #   scripts/cifar10_cpu.sh table     # six methods x seeds {0,1} at $F FLOPs, kNN + linear           (~60 min)
 #   scripts/cifar10_cpu.sh curve     # MiCL and MAE at F/9 and F/3, seeds {0,1}                      (~20 min)
+#   scripts/cifar10_cpu.sh finetune  # the table's exports + random-init fine-tuned, FT_SEEDS (0)   (~65 min)
 #
 # Data: DATA=/path/to/cifar10 (ImageFolder train/ + test/); by default ../shared/data/cifar10-jpeg.tar.gz is
 # unpacked to /tmp/cifar10. Budgets are FLOPs, so the runs are the same on any machine; only the wall time moves.
@@ -60,6 +61,13 @@ table)
     # shellcheck disable=SC2086
     $RUN micl mae mocov3 conmim mimco macrl --budget "$(budget 1)" --seeds $SEEDS --evals knn,linear \
         --data "$DATA" --out "$RUNS/main" --results "$RES"
+    ;;
+finetune)
+    # the fine-tune column (and the supervised-from-scratch row: the random-init export fine-tuned), on the table's
+    # exports: small32 shortened to FT_EPOCHS epochs of the 50k training images (~9 min per export at 1 epoch)
+    # shellcheck disable=SC2086
+    $RUN micl mae mocov3 conmim mimco macrl --budget "$(budget 1)" --seeds ${FT_SEEDS:-0} --evals finetune \
+        --set eval.finetune_epochs=${FT_EPOCHS:-1} --data "$DATA" --out "$RUNS/main" --results "$RES"
     ;;
 curve)
     for f in 0.3333 0.1111; do   # with F itself (the table): a factor of 9 from the smallest to the largest

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from repro.backbone import MaskedViT
-from repro.config import RunConfig, apply_overrides
-from repro.recipes import tiny
+from repro.config import RunConfig
+from repro.recipes import build_config
 from repro.registry import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_config(method: str, **overrides) -> RunConfig:
-    cls = METHODS[method]
-    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe="tiny")
-    cfg = apply_overrides(cfg, {o.key: o.value for o in tiny(method)})
-    return apply_overrides(cfg, {**SMALL, **overrides})
+    return build_config(method, "tiny", {**SMALL, **overrides})
 
 
 _TEACHERS: dict[str, Path] = {}
@@ -73,8 +70,10 @@ def float64_mimco_teacher() -> Path:
 
 
 def build_method(method: str, seed: int = 0, **overrides):
-    if method == "mimco" and "method.teacher" not in overrides:
-        overrides["method.teacher"] = str(mimco_teacher())
+    pre = METHODS[method].prerequisite
+    if pre is not None and f"method.{pre.config_field}" not in overrides:
+        assert pre.method == "mocov3", "a new prerequisite needs its own session fixture"
+        overrides[f"method.{pre.config_field}"] = str(mimco_teacher())
     cfg = tiny_config(method, **overrides)
     torch.manual_seed(seed)
     cls = METHODS[method]

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from repro.checkpoint import load_strict
+from repro.checkpoint import ExportMeta, export_backbone, load_export, load_strict
 from repro.config import ConfigError
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
@@ -87,11 +87,25 @@ def test_deterministic_under_seed_and_controlled_inputs(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_export_loads_strictly_into_timm(name):
+def test_export_loads_strictly_into_timm(name, tmp_path):
     cfg, m = build_method(name)
     bb = m.eval_backbone()
     plain = timm.create_model(bb.timm_name, pretrained=False, **bb.timm_kwargs)
     load_strict(plain, bb.export_state_dict(), name)
+    # through the files every evaluation reads: backbone.safetensors + backbone.json and the export loader
+    meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
+                      patch_size=bb.patch_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), method=name, steps=0,
+                      budget="-", budget_seconds=0.0, config_hash="", git_revision="", dataset="toy", seed=0)
+    export_backbone(tmp_path, bb.export_state_dict(), meta)
+    loaded, read_meta = load_export(tmp_path)
+    assert read_meta.method == name and type(loaded) is type(plain)
+    x = torch.randn(2, 3, bb.img_size, bb.img_size)
+    loaded.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(x), plain.forward_features(x))
+        for k, v in bb.export_state_dict().items():  # the tensors the method trained, bit for bit
+            assert torch.equal(loaded.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -184,3 +198,35 @@ def test_mae_matches_an_independent_implementation():
     expected = sum(losses) / sum(counts)
     got = m(Batch((x,)), StepInfo(0, 1), noise=noise).loss
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_contract_refuses_a_method_that_leaves_out_a_part():
+    from dataclasses import dataclass
+
+    from repro.method import MethodConfig, PretrainMethod
+    from repro.views import ViewSpec
+
+    class NoForward(PretrainMethod):  # views and FLOPs, but no loss
+        name = "noforward"
+
+        @property
+        def views(self):
+            return ViewSpec()
+
+        def flops_per_image(self) -> float:
+            return 1.0
+
+    _, mae = build_method("mae")
+    with pytest.raises(TypeError, match="forward"):
+        NoForward(mae.cfg, mae.backbone)
+
+    @dataclass(frozen=True, kw_only=True)
+    class HalfStated(MethodConfig):  # states its lr and batch, forgets the schedule and AdamW's values
+        batch_size: int = 256
+        base_lr: float = 1e-3
+
+    with pytest.raises(TypeError, match="weight_decay"):
+        HalfStated()
+    for name, cls in METHODS.items():  # every registered method states all six from its paper
+        cfg = cls.paper_config()
+        assert cfg.batch_size > 0 and cfg.epochs > 0 and cfg.betas and cfg.weight_decay >= 0, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_torchrun_two_process_gloo(tmp_path, cpu_env):
     assert p.returncode == 0, p.stderr[-3000:]
     recs, _ = read_all(tmp_path / "results" / "records")
     assert sorted(r.method for r in recs) == ["macrl", "mae", "mocov3"]
-    assert all(r.world_size == 2 and r.steps == 4 and r.value == r.value for r in recs)
+    assert all(r.world_size == 2 and r.steps == 4 and math.isfinite(r.value) for r in recs)
 
 
 def test_mimco_trains_its_teacher_first_and_records_the_split(tmp_path, cpu_env):

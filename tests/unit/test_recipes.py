@@ -6,16 +6,14 @@ import pytest
 
 from evals.finetune import FINETUNE_RECIPES
 from repro.backbone import MaskedViT
-from repro.config import RunConfig, apply_overrides
-from repro.recipes import RECIPES
+from repro.config import RunConfig
+from repro.recipes import RECIPES, build_config
 from repro.registry import METHODS
 from repro.trainer import resolve_hparams
 
 
 def recipe_config(method: str, recipe: str, **extra) -> RunConfig:
-    cls = METHODS[method]
-    cfg = RunConfig(method=method, method_cfg=cls.config_cls(), recipe=recipe)
-    return apply_overrides(cfg, {**{o.key: o.value for o in RECIPES[recipe](method)}, **extra})
+    return build_config(method, recipe, extra)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -38,7 +36,7 @@ def test_cifar10_recipe_shares_model_batch_and_protocol():
 def test_cifar10_lrs_follow_each_papers_scaling_rule():
     for m in METHODS:
         hp = resolve_hparams(recipe_config(m, "cifar10"))
-        paper = METHODS[m].config_cls()
+        paper = METHODS[m].paper_config()
         if paper.lr_is_absolute:  # ConMIM: 5e-4 at its batch 2048, scaled linearly to 512
             assert hp["lr"] == pytest.approx(paper.base_lr * 512 / paper.batch_size)
         else:
