@@ -19,9 +19,9 @@ import torch
 from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, read_export
 from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
+from repro.errors import NonFiniteLoss
 from repro.recipes import RECIPES, build_config, default_recipe
 from repro.records import ResultRecord, append_records
-from repro.trainer import NonFiniteLoss
 
 EPILOG = f"""\
 An export directory holds {EXPORT_WEIGHTS} (a timm state dict) and {EXPORT_META}, which needs at least

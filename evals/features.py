@@ -17,7 +17,7 @@ from tqdm import tqdm
 from repro.checkpoint import ExportMeta, load_export
 from repro.config import EvalConfig
 from repro.data import DatasetSplits, Split, balanced_subset, eval_batches
-from repro.records import ResultRecord, git_revision, now_iso
+from repro.records import ResultRecord, git_revision, model_label, now_iso
 
 
 @dataclass
@@ -67,18 +67,6 @@ def extract(model: nn.Module, split: Split, meta: ExportMeta, ctx: EvalContext, 
         xs.append(f.float())
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
-
-
-def model_label(name: str, timm_kwargs: dict) -> str:
-    """Readable architecture label for tables, e.g. ``vit_tiny_patch16_224 p4 @32 d6``."""
-    parts = [name]
-    if "patch_size" in timm_kwargs:
-        parts.append(f"p{timm_kwargs['patch_size']}")
-    if "img_size" in timm_kwargs:
-        parts.append(f"@{timm_kwargs['img_size']}")
-    if "depth" in timm_kwargs:
-        parts.append(f"d{timm_kwargs['depth']}")
-    return " ".join(parts)
 
 
 def subset_note(ctx: EvalContext) -> str:

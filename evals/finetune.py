@@ -59,8 +59,8 @@ from evals.features import EvalContext, make_record
 from repro.checkpoint import CheckpointError, ExportMeta, read_export
 from repro.config import ConfigError, EvalConfig
 from repro.data import FileImages, Split, TensorImages, _FileDataset, eval_batches
+from repro.errors import NonFiniteLoss
 from repro.records import ResultRecord
-from repro.trainer import NonFiniteLoss
 
 # ----------------------------------------------------------------------------------------- recipes
 

@@ -183,3 +183,23 @@ def read_all(records_dir: Path) -> tuple[list[ResultRecord], list[ReadProblem]]:
         recs += r
         probs += q
     return recs, probs
+
+
+def model_label(name: str, timm_kwargs: dict) -> str:
+    """Readable architecture label for tables, e.g. ``vit_tiny_patch16_224 p4 @32 d6``."""
+    parts = [name]
+    if "patch_size" in timm_kwargs:
+        parts.append(f"p{timm_kwargs['patch_size']}")
+    if "img_size" in timm_kwargs:
+        parts.append(f"@{timm_kwargs['img_size']}")
+    if "depth" in timm_kwargs:
+        parts.append(f"d{timm_kwargs['depth']}")
+    return " ".join(parts)
+
+
+def run_dir_path(out: Path, dataset: str, method: str, model_name: str, budget: str, seed: int,
+                 config_hash: str) -> Path:
+    """Where a pre-training run lives: ``OUT/<dataset>/<method>/<model>-<budget>-s<seed>-<config hash>``. The one
+    definition ``repro.run`` writes to and ``repro.report`` reads from."""
+    return Path(out) / dataset / method / f"{model_name}-{budget.replace('/', '_')}-s{seed}-{config_hash}"
+

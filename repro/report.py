@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from repro.checkpoint import atomic_write, atomic_write_text
-from repro.records import DATA_BOUND_SHARE, ReadProblem, ResultRecord, read_all
+from repro.records import DATA_BOUND_SHARE, ReadProblem, ResultRecord, read_all, run_dir_path
 
 KEY = ["dataset", "method", "model", "budget", "eval", "metric", "seed"]
 EVAL_ORDER = ["knn", "linear", "finetune", "ade20k", "coco"]
@@ -329,11 +329,11 @@ def import_curves(runs_dir: Path, results_dir: Path, df: pd.DataFrame) -> tuple[
     for _, r in pre.iterrows():
         if not r["config_hash"]:
             continue
-        found = sorted((Path(runs_dir) / r["dataset"] / r["method"]).glob(f"*-s{r['seed']}-{r['config_hash']}"))
-        metrics = [d / "metrics.jsonl" for d in found if (d / "metrics.jsonl").exists()]
-        if not metrics:
+        d = run_dir_path(runs_dir, r["dataset"], r["method"], str(r["model"]).split()[0], r["budget"], r["seed"],
+                         r["config_hash"])
+        if not (d / "metrics.jsonl").exists():
             continue
-        curve, probs = read_metrics(metrics[0])
+        curve, probs = read_metrics(d / "metrics.jsonl")
         problems += probs
         if curve.empty:
             continue

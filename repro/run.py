@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from evals.registry import EVAL_SETTINGS, EVALS
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.budget import BudgetError, parse_budget, split_budget
@@ -37,12 +38,21 @@ from repro.checkpoint import (
 )
 from repro.config import ConfigError, ModelConfig, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, DatasetSplits, load_data
+from repro.errors import NonFiniteLoss
 from repro.lock import PREEMPTED_EXIT, Preempted, RunLocked, run_lock
 from repro.monitor import open_tensorboard
 from repro.recipes import RECIPES, build_config, default_recipe
-from repro.records import ResultRecord, append_records, git_revision, now_iso, read_records
-from repro.registry import EVAL_SETTINGS, EVALS, METHODS
-from repro.trainer import NonFiniteLoss, Trainer, TrainResult, read_summary
+from repro.records import (
+    ResultRecord,
+    append_records,
+    git_revision,
+    model_label,
+    now_iso,
+    read_records,
+    run_dir_path,
+)
+from repro.registry import METHODS
+from repro.trainer import Trainer, TrainResult, read_summary
 
 log = logging.getLogger("repro")
 
@@ -114,8 +124,7 @@ def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) 
 
 
 def run_dir_for(out: Path, dataset: str, cfg: RunConfig) -> Path:
-    budget = cfg.budget.spec.replace("/", "_")
-    return out / dataset / cfg.method / f"{cfg.model.name}-{budget}-s{cfg.seed}-{cfg.config_hash()}"
+    return run_dir_path(out, dataset, cfg.method, cfg.model.name, cfg.budget.spec, cfg.seed, cfg.config_hash())
 
 
 def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict) -> ExportMeta:
@@ -242,8 +251,6 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
 
 
 def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
-    from evals.features import model_label
-
     x = meta.extra
     budget = parse_budget(meta.budget)
     return ResultRecord(

@@ -46,6 +46,7 @@ from repro.checkpoint import (
 from repro.config import ConfigError, RunConfig
 from repro.data import DatasetSplits
 from repro.distributed import DistInfo
+from repro.errors import NonFiniteLoss
 from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
@@ -53,14 +54,6 @@ from repro.records import DATA_BOUND_SHARE
 from repro.sources import StepSampler, make_batch_source
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the message names the step. The last good checkpoint is kept."""
-
-    def __init__(self, step: int, run_dir: Path) -> None:
-        super().__init__(f"non-finite loss at step {step}; stopped, last good checkpoint kept in {run_dir}")
-        self.step = step
 
 
 @dataclass(frozen=True)

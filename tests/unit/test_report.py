@@ -94,7 +94,7 @@ def records() -> list[ResultRecord]:
 def write_runs(runs: Path) -> None:
     """Run directories with a metrics.jsonl for micl seed 0 (resumed: steps 20-40 logged twice) and mae seed 0."""
     for method, losses in (("micl", [2.0, 1.5, 1.2, 1.0]), ("mae", [1.0, 0.8, 0.7, 0.65])):
-        d = runs / "toy" / method / f"vit_tiny_patch16_224-90s-s0-{method}0hash"
+        d = runs / "toy" / method / f"vit_tiny-90s-s0-{method}0hash"  # repro.records.run_dir_path
         d.mkdir(parents=True)
         lines = [{"step": 20 * (i + 1), "loss": x, "lr": 1e-3, "img_per_s": 500.0, "elapsed_s": 4.5 * (i + 1)}
                  for i, x in enumerate(losses)]
@@ -102,8 +102,8 @@ def write_runs(runs: Path) -> None:
             lines = lines[:2] + [dict(lines[1], loss=9.9)] + lines[1:]  # the resumed run's line wins
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     # a run with no record is not plotted
-    (runs / "toy" / "mae" / "vit_tiny_patch16_224-90s-s7-zzz").mkdir(parents=True)
-    (runs / "toy" / "mae" / "vit_tiny_patch16_224-90s-s7-zzz" / "metrics.jsonl").write_text('{"step": 1, "loss": 5}\n')
+    (runs / "toy" / "mae" / "vit_tiny-90s-s7-zzz").mkdir(parents=True)
+    (runs / "toy" / "mae" / "vit_tiny-90s-s7-zzz" / "metrics.jsonl").write_text('{"step": 1, "loss": 5}\n')
 
 
 def setup_results(tmp_path: Path) -> tuple[Path, Path]:
@@ -240,7 +240,7 @@ def test_report_survives_torn_lines(tmp_path):
     path = results / "records" / "toy.jsonl"
     with open(path, "a") as f:
         f.write('{"method": "mi')
-    with open(runs / "toy" / "mae" / "vit_tiny_patch16_224-90s-s0-mae0hash" / "metrics.jsonl", "a") as f:
+    with open(runs / "toy" / "mae" / "vit_tiny-90s-s0-mae0hash" / "metrics.jsonl", "a") as f:
         f.write('{"step": 100, "lo')
     generate(results, runs)
     assert "truncated trailing line" in (results / "README.md").read_text()
