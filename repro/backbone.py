@@ -254,10 +254,6 @@ class MaskedViT(nn.Module):
         return {k: v.detach() for k, v in self.vit.state_dict().items()}
 
 
-def build_backbone(model: ModelConfig, options: BackboneOptions) -> MaskedViT:
-    return MaskedViT(model, options)
-
-
 def create_timm_model(name: str, timm_kwargs: dict) -> nn.Module:
     """The plain timm model an export loads into (no pretrained download)."""
     return timm.create_model(name, pretrained=False, **timm_kwargs)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,10 +54,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if path.name == CHECKPOINT and os.environ.get("REPRO_TEST_SLOW_CKPT"):
-            # test hook (tests/reliability/test_resume.py): hold the written temp file this many seconds before
-            # the rename, so a SIGKILL can land mid-checkpoint; unset in normal use
-            time.sleep(float(os.environ["REPRO_TEST_SLOW_CKPT"]))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

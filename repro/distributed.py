@@ -38,10 +38,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def init(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Initialise from torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA."""
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"

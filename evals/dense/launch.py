@@ -124,7 +124,7 @@ def job_hash(job: DenseJob) -> str:
 
 def coco_classes() -> tuple[str, ...]:
     """The 80 class names mmdet's CocoDataset trains and scores (imports mmdet, so the mmcv shim first)."""
-    from evals.detection.mmcv_ext import install
+    from evals.dense.mmcv_ext import install
 
     install()
     from mmdet.datasets import CocoDataset
@@ -151,7 +151,7 @@ def _trust_own_checkpoints(work_dir: Path) -> None:
 
 def run_job(job: DenseJob) -> dict[str, float]:
     """Train and test with mmengine; returns the mm metrics dict of the test pass."""
-    from evals.detection.mmcv_ext import install
+    from evals.dense.mmcv_ext import install
 
     install()  # mmcv._ext from torchvision's ops, only when compiled mmcv is absent
     from mmengine.config import Config

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("mmseg", reason="needs the dense extra: pip install -e '.[dense]'")
 pytest.importorskip("mmdet", reason="needs the dense extra: pip install -e '.[dense]'")
 
-from evals.detection.mmcv_ext import install  # noqa: E402
+from evals.dense.mmcv_ext import install  # noqa: E402
 
 install()
 import evals.dense.vit as dv  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from evals.detection import mmcv_ext
+from evals.dense import mmcv_ext
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -276,7 +276,7 @@ def test_install_defers_to_a_loaded_real_extension(monkeypatch: pytest.MonkeyPat
 
 _CHILD = r"""
 import sys, torch
-from evals.detection import mmcv_ext
+from evals.dense import mmcv_ext
 installed = mmcv_ext.install()
 again = mmcv_ext.install()
 import mmcv
