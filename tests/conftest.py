@@ -21,7 +21,17 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SMALL = {"model.depth": 2, "train.batch_size": 16, "data.builtin_train": 64, "data.builtin_test": 32}
 
 
+SLOW_DIRS = ("smoke", "reliability", "dense")
+"""Test folders whose tests start processes (CLI runs, torchrun, spawn, SIGKILL trials, mm* launches): the slow tier
+(``python -m pytest -m slow``). The default tier (``python -m pytest``) is unit, contract, parity, golden and the
+step benchmarks, all in this process."""
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        if len(parts) > 1 and parts[0] == "tests" and parts[1] in SLOW_DIRS:
+            item.add_marker(pytest.mark.slow)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -1,8 +1,7 @@
 """Records are never lost: concurrent appenders, a writer that dies mid-line, a torn tail that the report survives.
 
-Extends tests/unit/test_records.py (4 writers x 50 one-record appends; a torn tail followed by a clean append):
-here the batches are multi-record and larger than a pipe buffer, a writer dies holding the lock halfway
-through a line, and ``python -m repro.report`` is run on a file with a torn tail.
+One-record appends from 4 writers (at the end); batches that are multi-record and larger than a pipe buffer; a
+writer that dies holding the lock halfway through a line; ``python -m repro.report`` on a file with a torn tail.
 """
 
 from __future__ import annotations
@@ -86,3 +85,26 @@ def test_torn_tail_is_reported_not_dropped_and_report_survives(tmp_path, capsys)
     table = (results / "builtin-shapes.md").read_text()
     assert "micl" in table and "42" in table  # the intact records still make the table
     assert path.read_bytes().endswith(torn[: len(torn) // 2])  # the report reads; it never rewrites records
+
+
+def _one(i: int) -> ResultRecord:
+    return ResultRecord(method="micl", model="m", dataset="d", budget="1m", eval="knn", metric="top1",
+                        value=float(i), seed=0, note="x" * 500)
+
+
+def _one_writer(path: str, k: int) -> None:
+    for i in range(50):
+        append_records(path, [_one(k * 1000 + i)])
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = tmp_path / "r.jsonl"
+    procs = [mp.get_context("fork").Process(target=_one_writer, args=(str(path), k)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    recs, problems = read_records(path)
+    assert not problems
+    assert sorted(r.value for r in recs) == sorted(float(k * 1000 + i) for k in range(4) for i in range(50))

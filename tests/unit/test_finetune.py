@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,6 @@ from evals.finetune import (
 from repro.checkpoint import EXPORT_WEIGHTS, read_export
 from repro.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from repro.data import FileImages, load_data
-from repro.records import read_records
 from repro.run import random_init_export
 from repro.trainer import NonFiniteLoss
 
@@ -175,34 +172,6 @@ def test_non_finite_loss_stops_with_the_trainer_error(builtin, export_dir, tmp_p
     cfg = EvalConfig(finetune_recipe="small32", finetune_epochs=0.25, finetune_batch_size=16)
     with pytest.raises(NonFiniteLoss, match="not finite at step 0"):
         finetune(EvalContext(builtin, cfg, torch.device("cpu"), progress=False), bad)
-
-
-def _cli(args: list[str], env, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_cli_evaluates_an_export_and_fails_in_one_line(export_dir, tmp_path, cpu_env):
-    small = ["--set", "data.builtin_train=64", "--set", "data.builtin_test=32", "--no-progress"]
-    p = _cli(["evals.knn", "--export", str(export_dir), "--results", str(tmp_path / "res"), *small], cpu_env, ROOT)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "knn top1 = " in p.stdout
-    recs, torn = read_records(tmp_path / "res" / "records" / "builtin-shapes.jsonl")
-    assert not torn and [(r.method, r.eval, r.metric) for r in recs] == [("random-init", "knn", "top1")]
-
-    missing = _cli(["evals.knn", "--export", str(tmp_path / "nope"), *small], cpu_env, ROOT)
-    assert missing.returncode == 2
-    assert missing.stderr.strip().count("\n") == 0 and missing.stderr.startswith("evals: error: ")
-    assert "nope" in missing.stderr
-
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "backbone.json").write_text((export_dir / "backbone.json").read_text())
-    state = load_file(str(export_dir / EXPORT_WEIGHTS))
-    save_file({**state, "extra.weight": torch.zeros(1)}, str(bad / EXPORT_WEIGHTS))
-    p = _cli(["evals.finetune", "--export", str(bad), *small], cpu_env, ROOT)
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
-    assert p.stderr.startswith("evals: error: ") and "extra.weight" in p.stderr
 
 
 def test_cli_help_and_set_scope(capsys, export_dir):

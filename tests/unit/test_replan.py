@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import asdict, replace
 
 import pytest
@@ -128,12 +126,15 @@ def test_a_wall_clock_run_records_its_revisions_and_a_resume_replays_them(tmp_pa
     assert summary["steps"] == final.total_steps == (final.revisions[-1][1] if final.revisions else final.total_steps)
 
 
-def test_an_absurd_budget_is_refused_before_training(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "repro.run", "micl", "--budget", "1e30flop", "--evals", "none",
-                        "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res"), "--no-progress",
-                        "--set", "data.builtin_train=256", "--set", "data.builtin_test=64"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("repro: error")]
-    assert len(err) == 1 and "1e30flop" in err[0] and "steps" in err[0], r.stderr
+def test_an_absurd_budget_is_refused_before_training(tmp_path, capsys):
+    from repro.run import main
+
+    capsys.readouterr()
+    rc = main(["micl", "--budget", "1e30flop", "--evals", "none", "--out", str(tmp_path / "runs"), "--results",
+               str(tmp_path / "res"), "--no-progress", "--set", "data.builtin_train=256", "--set",
+               "data.builtin_test=64"])
+    stderr = capsys.readouterr().err
+    assert rc == 2
+    err = [ln for ln in stderr.splitlines() if ln.startswith("repro: error")]
+    assert len(err) == 1 and "1e30flop" in err[0] and "steps" in err[0], stderr
     assert not list((tmp_path / "runs").rglob("checkpoint.pt"))
