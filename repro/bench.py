@@ -34,12 +34,11 @@ from typing import Any
 
 import torch
 
-from repro.backbone import MaskedViT
 from repro.config import ConfigError, DataConfig, RunConfig, apply_overrides, parse_set_args
 from repro.flops import matmul_peak_flops, set_fused_attention
 from repro.method import Batch, PretrainMethod, StepInfo
 from repro.recipes import RECIPES, build_config
-from repro.registry import METHODS
+from repro.registry import METHODS, build_method
 from repro.views import TensorAugment
 
 log = logging.getLogger("repro.bench")
@@ -97,8 +96,7 @@ def random_teacher_export(cfg: RunConfig, out: Path, teacher: str = "mocov3") ->
 
     tcfg = model_config(teacher, cfg.recipe, 2, compile=False, amp=False)  # the teacher the same recipe trains
     tcfg = replace(tcfg, model=cfg.model)
-    cls = METHODS[teacher]
-    moco = cls(tcfg.method_cfg, MaskedViT(tcfg.model, cls.backbone_options(tcfg.method_cfg)))
+    moco = build_method(tcfg)
     bb = moco.eval_backbone()
     meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
                       patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method=teacher, steps=0,
@@ -116,7 +114,7 @@ def build(cfg: RunConfig, device: torch.device, scratch: Path) -> PretrainMethod
         cfg_teacher = random_teacher_export(cfg, scratch / f"teacher-{cfg.model.name}-{cfg.model.img_size}",
                                             pre.method)
         cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(cfg_teacher)})
-    method = cls(cfg.method_cfg, MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg)))
+    method = build_method(cfg)
     return method.to(device).train()
 
 

@@ -7,6 +7,8 @@ from baselines.macrl import MACRL
 from baselines.mae import MAE
 from baselines.mimco import MimCo
 from baselines.mocov3 import MoCoV3
+from repro.backbone import MaskedViT
+from repro.config import RunConfig
 from repro.method import PretrainMethod
 from repro.micl import MiCL
 
@@ -18,3 +20,11 @@ METHODS: dict[str, type[PretrainMethod]] = {
     "mimco": MimCo,
     "macrl": MACRL,
 }
+
+
+def build_method(cfg: RunConfig) -> PretrainMethod:
+    """The one way to build a method from its run config: its class, on the shared backbone with the options it
+    asks for (initialised from the global RNG)."""
+    cls = METHODS[cfg.method]
+    return cls(cfg.method_cfg, MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg)))
+

@@ -51,7 +51,7 @@ from repro.records import (
     read_records,
     run_dir_path,
 )
-from repro.registry import METHODS
+from repro.registry import METHODS, build_method
 from repro.trainer import Trainer, TrainResult, read_summary
 
 log = logging.getLogger("repro")
@@ -213,9 +213,7 @@ def _finish_export(run_dir: Path, meta: ExportMeta, dist_info) -> ExportMeta:
 def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool, records_path: Path,
            *, write_export: bool = True) -> ExportMeta:
     torch.manual_seed(cfg.seed)
-    cls = METHODS[cfg.method]
-    backbone = MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg))
-    method = cls(cfg.method_cfg, backbone)
+    method = build_method(cfg)
     if dist_info.rank == 0:
         held = (run_dir / CHECKPOINT).stat().st_size if (run_dir / CHECKPOINT).is_file() else 0  # a resume holds one
         check_output_dir(run_dir, run_disk_bytes(method, method.eval_backbone()) - held)  # before anything is written

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.backbone import MaskedViT
 from repro.config import RunConfig
 from repro.recipes import build_config
 from repro.registry import METHODS
+from repro.registry import build_method as registry_build_method
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -86,9 +86,7 @@ def build_method(method: str, seed: int = 0, **overrides):
         overrides[f"method.{pre.config_field}"] = str(mimco_teacher())
     cfg = tiny_config(method, **overrides)
     torch.manual_seed(seed)
-    cls = METHODS[method]
-    bb = MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg))
-    return cfg, cls(cfg.method_cfg, bb)
+    return cfg, registry_build_method(cfg)
 
 
 @pytest.fixture(scope="session")

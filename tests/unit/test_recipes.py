@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from evals.finetune import FINETUNE_RECIPES
-from repro.backbone import MaskedViT
 from repro.config import RunConfig
 from repro.recipes import RECIPES, build_config
-from repro.registry import METHODS
+from repro.registry import METHODS, build_method
 from repro.trainer import resolve_hparams
 
 
@@ -46,8 +45,7 @@ def test_cifar10_lrs_follow_each_papers_scaling_rule():
 @pytest.mark.parametrize("method", ["micl", "mae", "conmim", "macrl"])
 def test_cifar10_masking_leaves_enough_tokens(method):
     cfg = recipe_config(method, "cifar10", **{"model.depth": 1})
-    cls = METHODS[method]
-    m = cls(cfg.method_cfg, MaskedViT(cfg.model, cls.backbone_options(cfg.method_cfg)))
+    m = build_method(cfg)
     assert m.backbone.num_patches == 64
     if method == "micl":
         assert m.len_keep // 2 >= 4  # at least ~4 tokens per MiCL view
