@@ -61,6 +61,7 @@ from repro.config import ConfigError, EvalConfig
 from repro.data import FileImages, Split, TensorImages, _FileDataset, eval_batches
 from repro.errors import NonFiniteLoss
 from repro.records import ResultRecord
+from repro.seeds import epoch_seed
 
 # ----------------------------------------------------------------------------------------- recipes
 
@@ -279,7 +280,7 @@ class _EpochBatches(torch.utils.data.Sampler):
         for s in range(self.steps):
             epoch, i = divmod(s, per_epoch)
             if i == 0:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
             yield perm[i * self.batch:(i + 1) * self.batch].tolist()
 
     def __len__(self) -> int:

@@ -44,6 +44,7 @@ from torch import Tensor
 from repro.config import DataConfig
 from repro.data import DataError, DatasetSplits, FileImages, TensorImages, _open_rgb
 from repro.method import Batch
+from repro.seeds import epoch_seed, image_seed
 from repro.views import TensorAugment, ViewSpec, apply_photometric, pil_view_transform
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class StepSampler:
     def permutation(self, epoch: int) -> Tensor:
         """The order of epoch ``epoch`` (a CPU tensor; drawn from a CPU generator on every device)."""
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 
@@ -104,8 +105,8 @@ class StepSampler:
 
     def image_seeds(self, step: int) -> list[int]:
         """One seed per image of this rank's slice of step ``step``: its crops depend on it alone."""
-        base = (self.seed * 1_000_003 + step) * 4099 + self.rank * self.local_batch
-        return [(base + j) % (2**63 - 1) for j in range(self.local_batch)]
+        first = self.rank * self.local_batch
+        return [image_seed(self.seed, step, first + j) for j in range(self.local_batch)]
 
 
 # ------------------------------------------------------------------------------------------- batch sources

@@ -51,6 +51,7 @@ from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
 from repro.records import DATA_BOUND_SHARE
+from repro.seeds import step_seed
 from repro.sources import StepSampler, make_batch_source
 
 log = logging.getLogger(__name__)
@@ -238,10 +239,6 @@ def train_step(model: nn.Module, method: PretrainMethod, batch, info: StepInfo, 
     opt.zero_grad(set_to_none=True)
     method.after_optimizer_step(info)
     return out
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 1009 + rank
 
 
 class _Accumulator:
