@@ -15,7 +15,6 @@ stated in every record's ``selection`` field.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from evals.features import EvalContext, make_record, subset_note
 from repro.config import EvalConfig
 from repro.records import ResultRecord
+from repro.schedules import cosine_after_warmup
 
 
 class ProbeHeads(nn.Module):
@@ -74,10 +74,7 @@ def train_probes(x: Tensor, y: Tensor, num_classes: int, base_lrs: tuple[float, 
             logits = probes(x[idx])
             loss = torch.stack([F.cross_entropy(lg, y[idx]) for lg in logits]).sum()
             for grp in opt.param_groups:
-                if step < warmup:
-                    grp["lr"] = grp["peak"] * step / warmup
-                else:
-                    grp["lr"] = grp["peak"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+                grp["lr"] = cosine_after_warmup(step, warmup, grp["peak"], (step - warmup) / max(1, total - warmup))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +50,7 @@ from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
 from repro.records import DATA_BOUND_SHARE
+from repro.schedules import cosine_after_warmup
 from repro.seeds import step_seed
 from repro.sources import StepSampler, make_batch_source
 
@@ -160,10 +160,8 @@ def lr_at(step: int, plan: Plan) -> float:
     After a re-plan at step ``s`` the cosine continues from the progress it had reached at ``s`` and spreads the
     rest over the new remaining steps: the lr is continuous and ends at ``min_lr`` on the last step.
     """
-    if step < plan.warmup_steps:
-        return plan.lr * step / plan.warmup_steps
-    t = _continued(step, plan.warmup_steps, plan)
-    return plan.min_lr + (plan.lr - plan.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    t = _continued(step, plan.warmup_steps, plan) if step >= plan.warmup_steps else 0.0
+    return cosine_after_warmup(step, plan.warmup_steps, plan.lr, t, plan.min_lr)
 
 
 def describe_plan(name: str, plan: Plan) -> str:
