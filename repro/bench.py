@@ -92,15 +92,14 @@ def model_config(method: str, model: str, batch: int, *, compile: bool, amp: boo
 def random_teacher_export(cfg: RunConfig, out: Path, teacher: str = "mocov3") -> Path:
     """A ``teacher`` export (MoCo v3: backbone + projector) of ``cfg``'s architecture, at its random init (from the
     global RNG): a method's prerequisite (MimCo's frozen teacher) for timing and for tests."""
-    from repro.checkpoint import ExportMeta, export_backbone, export_extra
+    from repro.checkpoint import export_backbone, export_extra
 
     tcfg = model_config(teacher, cfg.recipe, 2, compile=False, amp=False)  # the teacher the same recipe trains
     tcfg = replace(tcfg, model=cfg.model)
     moco = build_method(tcfg)
     bb = moco.eval_backbone()
-    meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
-                      patch_size=bb.patch_size, mean=(0.5,) * 3, std=(0.25,) * 3, method=teacher, steps=0,
-                      budget="-", budget_seconds=None, config_hash="bench", git_revision="")
+    meta = bb.export_meta(mean=(0.5,) * 3, std=(0.25,) * 3, method=teacher, steps=0, budget="-",
+                          budget_seconds=None, config_hash="bench", git_revision="")
     for name, state in moco.extra_exports().items():
         export_extra(out, name, state)
     export_backbone(out, bb.export_state_dict(), meta)

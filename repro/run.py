@@ -129,9 +129,7 @@ def run_dir_for(out: Path, dataset: str, cfg: RunConfig) -> Path:
 
 def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict) -> ExportMeta:
     budget = parse_budget(cfg.budget.spec)
-    return ExportMeta(
-        timm_model=backbone.timm_name, timm_kwargs=backbone.timm_kwargs,
-        img_size=backbone.img_size, patch_size=backbone.patch_size,
+    return backbone.export_meta(
         mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=cfg.budget.spec,
         budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
         dataset=data.name, seed=cfg.seed, extra=extra,
@@ -280,10 +278,9 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
         return run_dir
     torch.manual_seed(seed)
     bb = MaskedViT(model, BackboneOptions(pos_embed="sincos", init="mae"))
-    meta = ExportMeta(timm_model=bb.timm_name, timm_kwargs=bb.timm_kwargs, img_size=bb.img_size,
-                      patch_size=bb.patch_size, mean=tuple(data.mean), std=tuple(data.std), method="random-init",
-                      steps=0, budget="-", budget_seconds=0.0, config_hash="", git_revision=git_revision(),
-                      dataset=data.name, seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})
+    meta = bb.export_meta(mean=tuple(data.mean), std=tuple(data.std), method="random-init", steps=0, budget="-",
+                          budget_seconds=0.0, config_hash="", git_revision=git_revision(), dataset=data.name,
+                          seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})
     export_backbone(run_dir, bb.export_state_dict(), meta)
     return run_dir
 
