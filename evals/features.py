@@ -17,7 +17,7 @@ from tqdm import tqdm
 from repro.checkpoint import ExportMeta, load_export
 from repro.config import EvalConfig
 from repro.data import DatasetSplits, Split, balanced_subset, eval_batches
-from repro.records import ResultRecord, git_revision, model_label, now_iso
+from repro.records import ResultRecord, record_from_export
 
 
 @dataclass
@@ -85,12 +85,4 @@ def make_record(ctx: EvalContext, meta: ExportMeta, eval_name: str, metric: str,
 def export_record(meta: ExportMeta, dataset: str, eval_name: str, metric: str, value: float, selection: str,
                   seconds: float) -> ResultRecord:
     """A result row for ``dataset``'s table: the export's pretraining facts plus one measured number."""
-    x = meta.extra
-    return ResultRecord(
-        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=dataset,
-        budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
-        device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
-        pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
-        images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"), eval_seconds=seconds,
-        config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
-    )
+    return record_from_export(meta, dataset, eval_name, metric, value, selection, eval_seconds=seconds)

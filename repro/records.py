@@ -16,7 +16,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from repro.checkpoint import ExportMeta
 
 DATA_BOUND_SHARE = 0.10
 """A run that spends more than this share of its pre-training wall-clock waiting for batches is data-bound: the
@@ -202,4 +205,21 @@ def run_dir_path(out: Path, dataset: str, method: str, model_name: str, budget: 
     """Where a pre-training run lives: ``OUT/<dataset>/<method>/<model>-<budget>-s<seed>-<config hash>``. The one
     definition ``repro.run`` writes to and ``repro.report`` reads from."""
     return Path(out) / dataset / method / f"{model_name}-{budget.replace('/', '_')}-s{seed}-{config_hash}"
+
+
+def record_from_export(meta: ExportMeta, dataset: str, eval_name: str, metric: str, value: float, selection: str,
+                       **fields: Any) -> ResultRecord:
+    """A result row for ``dataset``'s table: the export's pre-training facts (``backbone.json``) plus one number;
+    ``fields`` set the rest (``eval_seconds``, ``note``, ...) or replace a default (``git_revision``: the code that
+    measured the number unless given)."""
+    x = meta.extra
+    base: dict[str, Any] = dict(
+        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=dataset,
+        budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
+        device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
+        pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
+        images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
+        config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
+    )
+    return ResultRecord(**{**base, **fields})
 

@@ -46,9 +46,9 @@ from repro.records import (
     ResultRecord,
     append_records,
     git_revision,
-    model_label,
     now_iso,
     read_records,
+    record_from_export,
     run_dir_path,
 )
 from repro.registry import METHODS, build_method
@@ -248,17 +248,10 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
 
 def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
     x = meta.extra
-    budget = parse_budget(meta.budget)
-    return ResultRecord(
-        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=data.name,
-        budget=meta.budget, eval="pretrain", metric="final_loss", value=float(x.get("final_loss", float("nan"))),
-        seed=meta.seed, selection="last step", device=x.get("device", ""), world_size=int(x.get("world_size", 1)),
-        budget_seconds=budget.seconds, pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps,
-        epochs=x.get("epochs"), images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
-        data_wait_share=x.get("data_wait_share"), config_hash=meta.config_hash, git_revision=meta.git_revision,
-        recipe=x.get("recipe", ""), time=now_iso(),
-        note=str(x.get("note", "")),
-    )
+    return record_from_export(meta, data.name, "pretrain", "final_loss", float(x.get("final_loss", float("nan"))),
+                              "last step", budget_seconds=parse_budget(meta.budget).seconds,
+                              data_wait_share=x.get("data_wait_share"), git_revision=meta.git_revision,
+                              note=str(x.get("note", "")))
 
 
 def has_pretrain_record(records_path: Path, cfg: RunConfig) -> bool:
