@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from repro.budget import parse_budget  # noqa: E402
 from repro.checkpoint import atomic_write_text  # noqa: E402
 from repro.records import read_all  # noqa: E402
-from repro.report import records_frame  # noqa: E402
+from repro.report.tables import records_frame  # noqa: E402
 
 DATASET = "cifar10"
 

@@ -17,16 +17,9 @@ import pandas as pd
 import pytest
 
 from repro.records import ResultRecord, append_records, read_all
-from repro.report import (
-    EVAL_ORDER,
-    REFERENCE_FACTS,
-    canonical_model,
-    generate,
-    load_reference,
-    main,
-    paper_comparisons,
-    records_frame,
-)
+from repro.report import generate, main
+from repro.report.papers import REFERENCE_FACTS, canonical_model, load_reference, paper_comparisons
+from repro.report.tables import EVAL_ORDER, records_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden_report.md")

@@ -1,0 +1,7 @@
+"""``python -m repro.report``."""
+
+import sys
+
+from repro.report import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""PNG plots: loss curves per dataset and accuracy against pre-training compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from repro.checkpoint import atomic_write
+from repro.report.curves import curve_path
+from repro.report.tables import EVAL_ORDER, UNTRAINED, method_order, ordered
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Atomic, byte-reproducible PNG (no software/date metadata), then free the figure."""
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None}))
+    _pyplot().close(fig)
+
+def plot_loss_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
+    """Pre-training loss against step from ``results/curves``, one panel per method (losses differ by method)."""
+    pre = df[df["eval"] == "pretrain"].sort_values(["model", "budget", "seed"], kind="stable")
+    curves = []
+    for _, r in pre.iterrows():
+        p = curve_path(results_dir, r["dataset"], r["method"], r["budget"], r["seed"], r["config_hash"])
+        if r["config_hash"] and p.exists():
+            curves.append((r, pd.read_csv(p)))
+    if not curves:
+        return False
+    plt = _pyplot()
+
+    methods = method_order(sorted({r["method"] for r, _ in curves}))
+    several_models = len({r["model"] for r, _ in curves}) > 1
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.8), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for r, c in curves:
+            if r["method"] != method:
+                continue
+            label = f"{r['model']} {r['budget']} s{r['seed']}" if several_models else f"{r['budget']} s{r['seed']}"
+            ax.plot(c["step"], c["loss"], marker=".", markersize=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("pre-training loss")
+        ax.set_title(method)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save_png(fig, path)
+    return True
+
+
+def _budget_flops(budget: str) -> float:
+    """The FLOPs of a FLOP budget ('1.5e13flop'); NaN for any other kind (or an untrained row's '-')."""
+    from repro.budget import BudgetError, parse_budget
+
+    try:
+        b = parse_budget(budget)
+    except BudgetError:
+        return float("nan")
+    return b.amount if b.kind == "flop" else float("nan")
+
+
+def plot_accuracy_vs_budget(df: pd.DataFrame, path: Path) -> bool:
+    """Accuracy of every eval against pre-training compute, one line per method: device-hours, and when every
+    trained run had a FLOP budget also training FLOPs (a second row; log scale)."""
+    plt = _pyplot()
+
+    pre = df[df["eval"] == "pretrain"][["method", "model", "budget", "seed", "device_hours"]]
+    acc = df[(df["eval"] != "pretrain") & (df["metric"] == "top1")]
+    evals = ordered(set(acc["eval"]), EVAL_ORDER)
+    if acc.empty or not evals:
+        return False
+    merged = acc.drop(columns=["device_hours"]).merge(pre, on=["method", "model", "budget", "seed"], how="left")
+    merged["device_hours"] = merged["device_hours"].fillna(0.0)
+    merged["flops"] = merged["budget"].map(_budget_flops)
+    trained = merged[~merged["method"].isin(UNTRAINED)]
+    axes_x = [("device_hours", "pre-training device-hours")]
+    if not trained.empty and trained["flops"].notna().all():
+        axes_x.insert(0, ("flops", "pre-training FLOPs (analytic)"))
+    fig, axes = plt.subplots(len(axes_x), len(evals), figsize=(5 * len(evals), 3.8 * len(axes_x)), squeeze=False)
+    for row, (xcol, xlabel) in enumerate(axes_x):
+        for ax, e in zip(axes[row], evals, strict=True):
+            sub = merged[merged["eval"] == e]
+            for method in method_order(list(sub["method"].unique())):
+                msub = sub[sub["method"] == method]
+                if method in UNTRAINED:
+                    ax.axhline(msub["value"].mean(), color="gray",
+                               linestyle="--" if method == "random-init" else ":", label=method)
+                    continue
+                m = msub.groupby("budget").agg(x=(xcol, "mean"), mean=("value", "mean"),
+                                               std=("value", "std")).sort_values("x")
+                ax.errorbar(m["x"], m["mean"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=method)
+            if xcol == "flops":
+                ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{e} top-1 (%)")
+            ax.set_title(e)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    _save_png(fig, path)
+    return True
+
+
+# --- the index: how each number was produced -----------------------------------------------------------------
