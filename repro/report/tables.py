@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from repro.budget import BudgetError, parse_budget
 from repro.records import DATA_BOUND_SHARE, ResultRecord
 
 KEY = ["dataset", "method", "model", "budget", "eval", "metric", "seed"]
@@ -122,7 +123,18 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
         return table
     order = {m: i for i, m in enumerate(method_order(list(table["method"].unique())))}
     table["_o"] = table["method"].map(order)
-    return table.sort_values(["_o", "model", "budget"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    table["_b"] = table["budget"].map(budget_order)
+    return (table.sort_values(["_o", "model", "_b"], kind="stable").drop(columns=["_o", "_b"])
+            .reset_index(drop=True))
+
+
+def budget_order(spec: str) -> tuple[str, float, str]:
+    """Sort key of a budget: by unit, then by amount (1.67e12flop before 1.5e13flop), unparseable ones last."""
+    try:
+        b = parse_budget(spec)
+    except BudgetError:
+        return ("~", 0.0, str(spec))
+    return (b.kind, b.amount, str(spec))
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -306,3 +306,10 @@ def test_records_carry_this_process_command_and_versions_and_old_ones_are_rebuil
     assert recs[1].command in index
     assert "Rebuilt from records that predate recorded commands:" in index
     assert "python -m repro.run micl mae --budget 90s --data <path to toy> --recipe tiny --model vit_tiny" in index
+
+
+def test_budgets_sort_by_amount_not_by_text():
+    from repro.report.tables import budget_order
+
+    specs = ["1.5e+13flop", "1.67e+12flop", "5e+12flop", "-", "90s", "2m"]
+    assert sorted(specs, key=budget_order) == ["1.67e+12flop", "5e+12flop", "1.5e+13flop", "90s", "2m", "-"]
