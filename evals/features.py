@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from repro.checkpoint import ExportMeta, load_export
 from repro.config import EvalConfig
-from repro.data import DatasetSplits, Split, balanced_subset, eval_batches
+from repro.data import DatasetSplits, Split, balanced_subset
 from repro.records import ResultRecord, record_from_export
+from repro.sources import eval_batches
 
 
 @dataclass

@@ -58,10 +58,11 @@ from tqdm import tqdm
 from evals.features import EvalContext, make_record
 from repro.checkpoint import CheckpointError, ExportMeta, read_export
 from repro.config import ConfigError, EvalConfig
-from repro.data import FileImages, Split, TensorImages, _FileDataset, eval_batches
+from repro.data import FileImages, Split, TensorImages, _FileDataset
 from repro.errors import NonFiniteLoss
 from repro.records import ResultRecord
 from repro.seeds import epoch_seed
+from repro.sources import eval_batches
 
 # ----------------------------------------------------------------------------------------- recipes
 

@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 from torch import Tensor
 
 from repro.config import DataConfig
-from repro.views import normalize_uint8, pil_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -389,18 +387,3 @@ def balanced_subset(split: Split, n: int) -> Split:
     if isinstance(split, TensorImages):
         return TensorImages(split.images[idx], split.labels[idx], split.classes, split.skipped)
     return FileImages([split.paths[i] for i in idx.tolist()], split.labels[idx], split.classes, split.skipped)
-
-
-def eval_batches(split: Split, size: int, mean, std, batch_size: int, device: torch.device,
-                 num_workers: int = 4) -> Iterator[tuple[Tensor, Tensor]]:
-    """Deterministic evaluation views (resize/centre-crop + normalise) of a whole split, in order."""
-    if isinstance(split, TensorImages):
-        for i in range(0, len(split), batch_size):
-            x = split.images[i:i + batch_size].to(device)
-            yield normalize_uint8(x, size, mean, std), split.labels[i:i + batch_size].to(device)
-        return
-    ds = _FileDataset(split, pil_eval_transform(size, mean, std), "skip")
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                                         pin_memory=device.type == "cuda")
-    for views, labels in loader:
-        yield views[0].to(device), labels.to(device)

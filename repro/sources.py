@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.config import DataConfig
-from repro.data import DataError, DatasetSplits, FileImages, TensorImages, _open_rgb
+from repro.data import DataError, DatasetSplits, FileImages, Split, TensorImages, _open_rgb
 from repro.method import Batch
 from repro.seeds import epoch_seed, image_seed
-from repro.views import TensorAugment, ViewSpec, apply_photometric, pil_view_transform
+from repro.views import TensorAugment, ViewSpec, apply_photometric, normalize_uint8, pil_view_transform
 
 log = logging.getLogger(__name__)
 
@@ -468,3 +468,68 @@ def make_batch_source(data: DatasetSplits, spec: ViewSpec, size: int, sampler: S
         return TensorBatchSource(data.train, spec, size, data.mean, data.std, sampler, device)
     return StreamBatchSource(data.train, spec, size, data.mean, data.std, sampler, device, cfg.num_workers,
                              cfg.bad_images, cfg.decode)
+
+
+# ------------------------------------------------------------------------------------------- evaluation views
+
+
+def eval_view(data: bytes, size: int) -> Tensor:
+    """MAE's evaluation view of one encoded image as uint8 (3, size, size): shorter side resized to size / 0.875,
+    then the centre ``size`` crop (:func:`repro.views.pil_eval_transform`'s geometry, torchvision's rounding), from
+    the smallest DCT scale that keeps the resize a shrink and with torch's antialiased bicubic (PIL's filter)."""
+    from PIL import Image
+
+    resize = int(round(size / 0.875))
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+        r = next(r for r in DCT_REDUCTIONS if r == 1 or min(width, height) / r >= resize)
+        if r == 1 and im.format == "JPEG" and im.mode in ("RGB", "L"):
+            image = _decode_jpeg_rgb(data)
+        else:
+            if r > 1:
+                im.draft("RGB", (width // r, height // r))
+            im.load()
+            image = torch.from_numpy(np.array(im.convert("RGB") if im.mode != "RGB" else im)).permute(2, 0, 1)
+    short, long = sorted((width, height))
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    x = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return x[:, top:top + size, left:left + size]
+
+
+class _EvalLoad:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, path: str, seed: int) -> tuple[Tensor]:
+        return (eval_view(_read(path), self.size),)
+
+
+class _InOrder(torch.utils.data.Sampler):
+    def __init__(self, n: int, batch: int) -> None:
+        self.n, self.batch = n, batch
+
+    def __iter__(self):
+        for i in range(0, self.n, self.batch):
+            yield [(j, 0) for j in range(i, min(self.n, i + self.batch))]
+
+    def __len__(self) -> int:
+        return (self.n + self.batch - 1) // self.batch
+
+
+def eval_batches(split: Split, size: int, mean, std, batch_size: int, device: torch.device,
+                 num_workers: int = 4) -> Iterator[tuple[Tensor, Tensor]]:
+    """Deterministic evaluation views (resize/centre-crop + normalise) of a whole split, in order. Files are decoded
+    by :func:`eval_view` in workers and normalised on the device, as the training views are."""
+    if isinstance(split, TensorImages):
+        for i in range(0, len(split), batch_size):
+            x = split.images[i:i + batch_size].to(device)
+            yield normalize_uint8(x, size, mean, std), split.labels[i:i + batch_size].to(device)
+        return
+    ds = _StreamDataset(split, _EvalLoad(size), "skip")
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=_InOrder(len(split), batch_size),
+                                         num_workers=resolve_workers(num_workers), pin_memory=device.type == "cuda")
+    for views, labels in loader:
+        yield normalize_uint8(views[0].to(device, non_blocking=True), size, mean, std), labels.to(device)
+
