@@ -23,10 +23,17 @@ def sets(**extra: object) -> list[str]:
     return [a for k, v in items.items() for a in ("--set", f"{k}={v}")]
 
 
+SLOW_CHECKPOINT = Path(__file__).with_name("slow_checkpoint")
+"""A ``sitecustomize`` that slows checkpoint renames when ``REPRO_TEST_SLOW_CKPT`` is set (see its docstring)."""
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    paths = [str(ROOT), env.get("PYTHONPATH", "")]
+    if extra.get("REPRO_TEST_SLOW_CKPT"):
+        paths.insert(0, str(SLOW_CHECKPOINT))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(extra)
     return env
 

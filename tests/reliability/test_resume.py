@@ -43,23 +43,9 @@ class Trial:
     delay: float
     """... plus this many seconds."""
     slow_ckpt: float = 0.0
-    """Seconds a checkpoint's temp file waits before its rename (0 = off; :data:`SLOW_CKPT`); the kill then waits
-    for such a temp file, so it lands inside a checkpoint write."""
+    """REPRO_TEST_SLOW_CKPT (``slow_checkpoint/sitecustomize.py``): seconds a checkpoint's temp file waits before
+    its rename (0 = off); the kill then waits for such a temp file, so it lands inside a checkpoint write."""
 
-
-SLOW_CKPT = """
-import os, runpy, sys, time
-delay, module = float(sys.argv[1]), sys.argv[2]
-sys.argv = [module, *sys.argv[3:]]
-_replace = os.replace
-def slow_replace(src, dst, *args, **kwargs):  # hold checkpoint.pt's temp file before its rename
-    if os.path.basename(os.fspath(dst)) == "checkpoint.pt":
-        time.sleep(delay)
-    return _replace(src, dst, *args, **kwargs)
-os.replace = slow_replace
-runpy.run_module(module, run_name="__main__", alter_sys=True)
-"""
-"""The run under test with a slowed checkpoint rename, patched from outside (production code has no test hook)."""
 
 
 _rng = random.Random(20240611)
@@ -129,8 +115,8 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, reference, trial):
         return n >= trial.lines and (not trial.slow_ckpt or bool(temp_files(d)))
 
     with open(tmp_path / "killed.stderr", "w") as err:
-        launch = ["-c", SLOW_CKPT, str(trial.slow_ckpt)] if trial.slow_ckpt else ["-m"]
-        proc = subprocess.Popen([sys.executable, *launch, *args], cwd=tmp_path, env=subprocess_env(),
+        env = {"REPRO_TEST_SLOW_CKPT": str(trial.slow_ckpt)} if trial.slow_ckpt else {}
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=subprocess_env(**env),
                                 stdout=subprocess.DEVNULL, stderr=err)
         assert kill_when(proc, ready, trial.delay), "the run finished before the kill; move the kill point earlier"
 
