@@ -13,20 +13,47 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from repro.config import ConfigError, EvalConfig
 from repro.records import ResultRecord
 
-MODULES = {"ade20k": "evals.segmentation", "coco": "evals.detection"}
-REQUIRES = {"ade20k": ("mmengine", "mmcv", "mmseg"), "coco": ("mmengine", "mmcv", "mmdet", "pycocotools")}
+
+@dataclass(frozen=True)
+class DenseTask:
+    """Everything the suite knows about one dense evaluation; a new task is one more entry in :data:`TASKS` (plus
+    its module with a native mmengine config and its recipes in ``options.py``). Its ``eval.*`` settings are
+    ``eval.<name>_data``, ``_recipe``, ``_train_split`` and ``_val_split``."""
+
+    name: str
+    module: str
+    """``python -m <module>`` runs it on one export in a child process."""
+    requires: tuple[str, ...]
+    """Packages it imports (the ``dense`` extra)."""
+    data_hint: str
+    """What ``eval.<name>_data`` must point at."""
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}_{k}" for k in ("data", "recipe", "train_split", "val_split"))
+
+    def values(self, cfg: EvalConfig) -> tuple[str | None, str, str, str]:
+        data, recipe, train, val = (getattr(cfg, f) for f in self.settings)
+        return data, recipe, train, val
+
+
+TASKS = {t.name: t for t in (
+    DenseTask("ade20k", "evals.segmentation", ("mmengine", "mmcv", "mmseg"), "ADEChallengeData2016 folder"),
+    DenseTask("coco", "evals.detection", ("mmengine", "mmcv", "mmdet", "pycocotools"), "COCO folder"),
+)}
+ADE20K_SETTINGS = TASKS["ade20k"].settings
+COCO_SETTINGS = TASKS["coco"].settings
 
 
 def _settings(cfg: EvalConfig, task: str) -> tuple[str | None, str, str, str]:
-    if task == "ade20k":
-        return cfg.ade20k_data, cfg.ade20k_recipe, cfg.ade20k_train_split, cfg.ade20k_val_split
-    return cfg.coco_data, cfg.coco_recipe, cfg.coco_train_split, cfg.coco_val_split
+    return TASKS[task].values(cfg)
 
 
 def check_ready(cfg: EvalConfig, tasks: list[str]) -> None:
@@ -38,11 +65,10 @@ def check_ready(cfg: EvalConfig, tasks: list[str]) -> None:
         if recipe not in recipes_for(task):
             raise ConfigError(f"eval.{task}_recipe={recipe}: unknown (choose from {', '.join(recipes_for(task))})")
         if not data:
-            raise ConfigError(f"--evals {task} needs its data: --set eval.{task}_data=PATH "
-                              f"({'ADEChallengeData2016 folder' if task == 'ade20k' else 'COCO folder'})")
+            raise ConfigError(f"--evals {task} needs its data: --set eval.{task}_data=PATH ({TASKS[task].data_hint})")
         if not Path(data).is_dir():
             raise ConfigError(f"eval.{task}_data={data}: not a directory")
-        missing = [m for m in REQUIRES[task] if importlib.util.find_spec(m) is None]
+        missing = [m for m in TASKS[task].requires if importlib.util.find_spec(m) is None]
         if missing:
             raise ConfigError(f"--evals {task} needs the dense extra ({', '.join(missing)} missing): "
                               "pip install -e '.[dense]'")
@@ -50,8 +76,8 @@ def check_ready(cfg: EvalConfig, tasks: list[str]) -> None:
 
 def command(cfg: EvalConfig, task: str, export_dir: Path, device: str, records_out: Path) -> list[str]:
     data, recipe, train_split, val_split = _settings(cfg, task)
-    return [sys.executable, "-m", MODULES[task], "--export", str(export_dir), "--data", str(data), "--recipe", recipe,
-            "--train-split", train_split, "--val-split", val_split, "--device", device,
+    return [sys.executable, "-m", TASKS[task].module, "--export", str(export_dir), "--data", str(data),
+            "--recipe", recipe, "--train-split", train_split, "--val-split", val_split, "--device", device,
             "--records-out", str(records_out)]
 
 
@@ -63,13 +89,9 @@ def run_task(ctx: Any, export_dir: Path, task: str) -> list[ResultRecord]:
         cmd = command(ctx.cfg, task, Path(export_dir), ctx.device.type, out)
         proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0 or not out.is_file():
-            raise ConfigError(f"{MODULES[task]} failed on {export_dir} (exit {proc.returncode}); its log is above. "
-                              f"Re-run alone: {' '.join(cmd[1:-2])}")
+            raise ConfigError(f"{TASKS[task].module} failed on {export_dir} (exit {proc.returncode}); its log is "
+                              f"above. Re-run alone: {' '.join(cmd[1:-2])}")
         return [ResultRecord.from_dict(d) for d in json.loads(out.read_text())]
-
-
-ADE20K_SETTINGS = ("ade20k_data", "ade20k_recipe", "ade20k_train_split", "ade20k_val_split")
-COCO_SETTINGS = ("coco_data", "coco_recipe", "coco_train_split", "coco_val_split")
 
 
 def ade20k(ctx: Any, export_dir: Path) -> list[ResultRecord]:

@@ -573,7 +573,7 @@ def test_command_round_trips_through_the_launcher_parser(task, tmp_path):
                      coco_train_split="tr-c", coco_val_split="va-c")
     out = tmp_path / "records.json"
     cmd = dense.command(cfg, task, tmp_path / "exp", "cpu", out)
-    assert cmd[0] == sys.executable and cmd[1:3] == ["-m", dense.MODULES[task]]
+    assert cmd[0] == sys.executable and cmd[1:3] == ["-m", dense.TASKS[task].module]
     suffix = "a" if task == "ade20k" else "c"
     for flag, value in (("--export", str(tmp_path / "exp")), ("--data", str(tmp_path / task)), ("--recipe", "tiny"),
                         ("--train-split", f"tr-{suffix}"), ("--val-split", f"va-{suffix}"), ("--device", "cpu"),
