@@ -148,7 +148,7 @@ def _extra(cfg: RunConfig, r: TrainResult) -> dict:
 
 
 def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
-             records_path: Path) -> ExportMeta:
+             records_path: Path, *, wait: bool = False) -> ExportMeta:
     """Train (or resume, or skip when finished) one method; returns the export's metadata.
 
     A method with a :class:`repro.method.Prerequisite` (MimCo's teacher) that the config does not name first trains
@@ -162,9 +162,9 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
         return ExportMeta.from_json(meta_path)
     pre = METHODS[cfg.method].prerequisite
     if pre is None:
-        return _train(cfg, data, dist_info, run_dir, progress, records_path)
+        return _train(cfg, data, dist_info, run_dir, progress, records_path, wait=wait)
     if not pre.missing(cfg.method_cfg):
-        meta = _train(cfg, data, dist_info, run_dir, progress, records_path, write_export=False)
+        meta = _train(cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
         note = (f"{pre.config_field} {getattr(cfg.method_cfg, pre.config_field)} given (its pre-training is not in "
                 "this budget)")
         return _finish_export(run_dir, replace(meta, extra={**meta.extra, "note": note}), dist_info)
@@ -175,10 +175,10 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
     if dist_info.rank == 0:
         log.info("%s: stage 1 = %s teacher on %s of the %s budget, stage 2 = student on %s", cfg.method,
                  teacher_method, s1_spec, cfg.budget.spec, s2_spec)
-    s1 = pretrain(s1_cfg, data, dist_info, s1_dir, progress, records_path)
+    s1 = pretrain(s1_cfg, data, dist_info, s1_dir, progress, records_path, wait=wait)
     distributed.barrier()  # the teacher export is written by rank 0
     s2_cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(s1_dir.resolve()), "budget.spec": s2_spec})
-    s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False)
+    s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
     x1, x2 = s1.extra, s2.extra
     t1, t2 = float(x1.get("pretrain_seconds") or 0.0), float(x2.get("pretrain_seconds") or 0.0)
     note = (f"budget {cfg.budget.spec} = stage 1 {teacher_method} teacher {s1_spec} ({s1.steps} steps, {t1:.0f}s) "
@@ -209,7 +209,7 @@ def _finish_export(run_dir: Path, meta: ExportMeta, dist_info) -> ExportMeta:
 
 
 def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool, records_path: Path,
-           *, write_export: bool = True) -> ExportMeta:
+           *, write_export: bool = True, wait: bool = False) -> ExportMeta:
     torch.manual_seed(cfg.seed)
     method = build_method(cfg)
     if dist_info.rank == 0:
@@ -217,7 +217,7 @@ def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progre
         check_output_dir(run_dir, run_disk_bytes(method, method.eval_backbone()) - held)  # before anything is written
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    with run_lock(run_dir, main=dist_info.rank == 0, wait=_wait_for_lock):
+    with run_lock(run_dir, main=dist_info.rank == 0, wait=wait):
         return _train_locked(cfg, method, data, dist_info, run_dir, progress, records_path, write_export)
 
 
@@ -278,12 +278,12 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
     return run_dir
 
 
-def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path, tensorboard: bool = False
-             ) -> list[ResultRecord]:
+def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path, tensorboard: bool = False, *,
+             wait: bool = False) -> list[ResultRecord]:
     """Run each requested eval once per export and eval settings (a marker file keyed by :func:`eval_key` makes
     re-runs skip finished evals); the export's run directory is locked meanwhile, so two commands never record the
     same evaluation twice."""
-    with run_lock(export_dir, wait=_wait_for_lock):
+    with run_lock(export_dir, wait=wait):
         recs = _evaluate_locked(export_dir, evals, ctx, records_path)
     board = open_tensorboard(tensorboard and bool(recs), export_dir)
     if board is not None:
@@ -337,15 +337,9 @@ def _evaluate_locked(export_dir: Path, evals: list[str], ctx, records_path: Path
     return out
 
 
-_wait_for_lock = False
-"""``--wait``: a run directory held by another command is waited for instead of refused."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    global _wait_for_lock
     parser = build_parser()
     args = parser.parse_args(argv)
-    _wait_for_lock = args.wait
     logging.basicConfig(level=logging.INFO, format="[repro] %(message)s", stream=sys.stderr)
     try:
         return _main(args)
@@ -405,7 +399,7 @@ def _main(args: argparse.Namespace) -> int:
     exports: list[Path] = []
     for cfg in configs:
         run_dir = run_dir_for(out, data.name, cfg)
-        meta = pretrain(cfg, data, dist_info, run_dir, progress, records_path)
+        meta = pretrain(cfg, data, dist_info, run_dir, progress, records_path, wait=args.wait)
         if main_rank and not has_pretrain_record(records_path, cfg):
             append_records(records_path, [pretrain_record(meta, data)])
         exports.append(run_dir)
@@ -419,7 +413,7 @@ def _main(args: argparse.Namespace) -> int:
 
         ctx = EvalContext(data, configs[0].eval, dist_info.device, seed=configs[0].seed, progress=progress)
         for run_dir in exports:
-            evaluate(run_dir, evals, ctx, records_path, tensorboard=configs[0].train.tensorboard)
+            evaluate(run_dir, evals, ctx, records_path, tensorboard=configs[0].train.tensorboard, wait=args.wait)
         seen = set()
         for cfg in configs:
             key = (cfg.model, cfg.seed)
@@ -427,7 +421,7 @@ def _main(args: argparse.Namespace) -> int:
                 continue
             seen.add(key)
             ri = random_init_export(cfg.model, data, cfg.seed, out, cfg.recipe)
-            evaluate(ri, evals, replace(ctx, seed=cfg.seed), records_path)
+            evaluate(ri, evals, replace(ctx, seed=cfg.seed), records_path, wait=args.wait)
     if not args.no_report:
         from repro import report
 
