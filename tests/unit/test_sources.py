@@ -290,3 +290,19 @@ def test_streamed_eval_batches_are_normalised_in_order(folder):
     first = eval_view(Path(d.test.paths[0]).read_bytes(), 224).float()
     mean, std = torch.tensor(d.mean).view(3, 1, 1), torch.tensor(d.std).view(3, 1, 1)
     torch.testing.assert_close(x[0], (first / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decode_on_cuda_gives_the_cpu_paths_crops(folder):
+    """decode=gpu on a CUDA device (nvJPEG) against the same path on the CPU (libjpeg-turbo): the same crops to
+    within JPEG decoders' IDCT differences. Skipped without CUDA; scripts/gpu_session.sh runs it."""
+    spec = ViewSpec(count=2, scale=(0.2, 1.0))
+    d = load_data(DataConfig(path=str(folder), in_memory="no"))
+    cuda = torch.device("cuda")
+    on_gpu = StreamBatchSource(d.train, spec, 224, d.mean, d.std, StepSampler(len(d.train), 5, seed=3), cuda, 0,
+                               "skip", "gpu")
+    on_cpu = _source(folder, spec, "gpu")
+    for bg, bc in zip(on_gpu.batches(0, 2), on_cpu.batches(0, 2), strict=True):
+        for vg, vc in zip(bg.views, bc.views, strict=True):
+            assert vg.device.type == "cuda"
+            assert (vg.cpu() - vc).abs().mean().item() * 255 * 0.226 < 1.5
