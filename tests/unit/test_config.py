@@ -57,6 +57,18 @@ def test_a_new_builtin_generator_is_new_data(monkeypatch):
     assert on_disk.config_hash() == before_disk  # a user's dataset does not depend on it
 
 
+def test_decode_mode_enters_the_hash_only_where_it_changes_pixels():
+    c, on_disk = base(), apply_overrides(base(), {"data.path": "/data/x"})
+    for cfg in (c, on_disk):  # the default (and workers) leave the hash of runs made before the field existed
+        d = cfg.to_dict()
+        assert d["data"].pop("decode") == "fast"
+        assert apply_overrides(cfg, {"data.num_workers": "3"}).config_hash() == cfg.config_hash()
+    assert apply_overrides(on_disk, {"data.decode": "pil"}).config_hash() != on_disk.config_hash()
+    assert apply_overrides(c, {"data.decode": "pil"}).config_hash() == c.config_hash()  # built-in data: no decoding
+    with pytest.raises(ConfigError, match="data.decode"):
+        apply_overrides(c, {"data.decode": "nvjpeg"})
+
+
 def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         base().train.batch_size = 3  # type: ignore[misc]
