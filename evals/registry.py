@@ -1,5 +1,6 @@
 """The evaluation registry: one line per protocol (its ``run``) and the ``eval.*`` settings its numbers depend on.
-No import magic. ``repro.run`` is the only ``repro`` module that reads it: the core never imports ``evals``."""
+No import magic. ``repro.run`` and ``repro.evaluate`` are the only ``repro`` modules that read it: the core never
+imports ``evals``."""
 
 from __future__ import annotations
 
@@ -23,4 +24,4 @@ EVAL_SETTINGS: dict[str, tuple[str, ...]] = {
     "coco": dense.COCO_SETTINGS,
 }
 """Per evaluation, the ``eval.*`` settings its numbers depend on: an export evaluated again with other values is
-evaluated again (``repro.run.eval_key``), and a table cell whose seeds disagree on them says so."""
+evaluated again (``repro.evaluate.eval_key``), and a table cell whose seeds disagree on them says so."""

@@ -53,7 +53,7 @@ class ResultRecord:
     """Share of the pre-training wall-clock spent waiting for batches (above :data:`DATA_BOUND_SHARE`: data-bound)."""
     eval_seconds: float | None = None
     eval_key: str = ""
-    """Hash of the evaluation's own settings and data (``repro.run.eval_key``); empty for pre-training and for
+    """Hash of the evaluation's own settings and data (``repro.evaluate.eval_key``); empty for pre-training and for
     records older than it."""
     status: str = "ok"
     config_hash: str = ""

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from repro.checkpoint import EXPORT_WEIGHTS
 from repro.data import load_data
+from repro.pretrain import random_init_export
 from repro.records import read_records
-from repro.run import random_init_export
 from tests.unit.test_finetune import MODEL, ROOT, SMALL_DATA
 
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import repro.run as run
+import repro.evaluate as run
 from repro.config import EvalConfig
 from repro.records import ResultRecord, append_records, read_records
 from repro.report import generate

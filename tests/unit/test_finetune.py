@@ -26,7 +26,7 @@ from evals.finetune import (
 from repro.checkpoint import EXPORT_WEIGHTS, read_export
 from repro.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from repro.data import FileImages, load_data
-from repro.run import random_init_export
+from repro.pretrain import random_init_export
 from repro.trainer import NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parents[2]

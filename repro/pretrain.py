@@ -1,0 +1,196 @@
+"""Pre-training orchestration: one method (and the stage it needs first) from its config to a finished export,
+its metadata and its pretrain record; and the random-init floor every method must beat."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from repro import distributed
+from repro.backbone import BackboneOptions, MaskedViT
+from repro.budget import parse_budget, split_budget
+from repro.checkpoint import (
+    CHECKPOINT,
+    EXPORT_META,
+    EXPORT_WEIGHTS,
+    ExportMeta,
+    atomic_write_text,
+    check_output_dir,
+    export_backbone,
+    export_extra,
+    run_disk_bytes,
+    write_export_meta,
+)
+from repro.config import ModelConfig, RunConfig, apply_overrides
+from repro.data import DatasetSplits
+from repro.errors import NonFiniteLoss
+from repro.lock import run_lock
+from repro.recipes import build_config
+from repro.records import (
+    ResultRecord,
+    append_records,
+    git_revision,
+    now_iso,
+    read_records,
+    record_from_export,
+)
+from repro.registry import METHODS, build_method
+from repro.trainer import Trainer, TrainResult, read_summary
+
+log = logging.getLogger("repro")
+
+
+def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict) -> ExportMeta:
+    budget = parse_budget(cfg.budget.spec)
+    return backbone.export_meta(
+        mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=cfg.budget.spec,
+        budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
+        dataset=data.name, seed=cfg.seed, extra=extra,
+    )
+
+
+def _extra(cfg: RunConfig, r: TrainResult) -> dict:
+    return {
+        "pretrain_seconds": r.pretrain_seconds, "images_per_second": r.images_per_second, "epochs": r.plan.epochs,
+        "device": r.device, "world_size": r.world_size, "recipe": cfg.recipe,
+        "device_hours": r.pretrain_seconds * r.world_size / 3600, "final_loss": r.final_loss,
+        "calibration_seconds": r.plan.calibration_seconds, "seconds_per_step_calibrated": r.plan.seconds_per_step,
+        "global_batch": r.plan.global_batch, "lr": r.plan.lr, "warmup_steps": r.plan.warmup_steps,
+        "flops_per_image": r.plan.flops_per_image, "data_wait_share": r.data_wait_share,
+    }
+
+
+def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
+             records_path: Path, *, wait: bool = False) -> ExportMeta:
+    """Train (or resume, or skip when finished) one method; returns the export's metadata.
+
+    A method with a :class:`repro.method.Prerequisite` (MimCo's teacher) that the config does not name first trains
+    it in ``run_dir/stage1-<method>`` on its share of the budget, then itself on the rest; its export metadata
+    states both stages, and its pre-training time is their sum.
+    """
+    meta_path = run_dir / EXPORT_META
+    if (run_dir / EXPORT_WEIGHTS).exists() and meta_path.exists() and read_summary(run_dir) is not None:
+        if dist_info.rank == 0:
+            log.info("%s: finished run found in %s, skipping pre-training", cfg.method, run_dir)
+        return ExportMeta.from_json(meta_path)
+    pre = METHODS[cfg.method].prerequisite
+    if pre is None:
+        return _train(cfg, data, dist_info, run_dir, progress, records_path, wait=wait)
+    if not pre.missing(cfg.method_cfg):
+        meta = _train(cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
+        note = (f"{pre.config_field} {getattr(cfg.method_cfg, pre.config_field)} given (its pre-training is not in "
+                "this budget)")
+        return _finish_export(run_dir, replace(meta, extra={**meta.extra, "note": note}), dist_info)
+    teacher_method = pre.method
+    s1_spec, s2_spec = split_budget(cfg.budget.spec, getattr(cfg.method_cfg, pre.fraction_field))
+    s1_cfg = stage_config(teacher_method, cfg, s1_spec)
+    s1_dir = run_dir / f"stage1-{teacher_method}"
+    if dist_info.rank == 0:
+        log.info("%s: stage 1 = %s teacher on %s of the %s budget, stage 2 = student on %s", cfg.method,
+                 teacher_method, s1_spec, cfg.budget.spec, s2_spec)
+    s1 = pretrain(s1_cfg, data, dist_info, s1_dir, progress, records_path, wait=wait)
+    distributed.barrier()  # the teacher export is written by rank 0
+    s2_cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(s1_dir.resolve()), "budget.spec": s2_spec})
+    s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
+    x1, x2 = s1.extra, s2.extra
+    t1, t2 = float(x1.get("pretrain_seconds") or 0.0), float(x2.get("pretrain_seconds") or 0.0)
+    note = (f"budget {cfg.budget.spec} = stage 1 {teacher_method} teacher {s1_spec} ({s1.steps} steps, {t1:.0f}s) "
+            f"+ stage 2 student {s2_spec} ({s2.steps} steps, {t2:.0f}s)")
+    extra = {**x2, "pretrain_seconds": t1 + t2, "device_hours": float(x1.get("device_hours") or 0.0)
+             + float(x2.get("device_hours") or 0.0), "note": note,
+             "stage1": {"method": teacher_method, "budget": s1_spec, "steps": s1.steps, "seconds": t1,
+                        "final_loss": x1.get("final_loss"), "export": str(s1_dir)},
+             "stage2": {"budget": s2_spec, "steps": s2.steps, "seconds": t2}}
+    budget = parse_budget(cfg.budget.spec)
+    meta = replace(s2, budget=cfg.budget.spec, budget_seconds=budget.seconds, config_hash=cfg.config_hash(),
+                   extra=extra)
+    return _finish_export(run_dir, meta, dist_info)
+
+
+def stage_config(method: str, parent: RunConfig, budget: str) -> RunConfig:
+    """The config of a stage another method runs first: its own paper defaults and recipe overrides, the
+    parent's model, data, training, evaluation and seed settings, and its share of the budget."""
+    cfg = build_config(method, parent.recipe, keys=lambda k: k.startswith("method."))
+    return replace(cfg, model=parent.model, data=parent.data, train=parent.train, eval=parent.eval, seed=parent.seed,
+                   budget=replace(parent.budget, spec=budget))
+
+
+def _finish_export(run_dir: Path, meta: ExportMeta, dist_info) -> ExportMeta:
+    if dist_info.rank == 0:
+        write_export_meta(run_dir, meta)  # the weights _train wrote; the metadata completes the export
+    return meta
+
+
+def _train(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool, records_path: Path,
+           *, write_export: bool = True, wait: bool = False) -> ExportMeta:
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg)
+    if dist_info.rank == 0:
+        held = (run_dir / CHECKPOINT).stat().st_size if (run_dir / CHECKPOINT).is_file() else 0  # a resume holds one
+        check_output_dir(run_dir, run_disk_bytes(method, method.eval_backbone()) - held)  # before anything is written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    with run_lock(run_dir, main=dist_info.rank == 0, wait=wait):
+        return _train_locked(cfg, method, data, dist_info, run_dir, progress, records_path, write_export)
+
+
+def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
+                  records_path: Path, write_export: bool) -> ExportMeta:
+    trainer = Trainer(cfg, method, data, dist_info, run_dir, progress=progress)
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as e:
+        if dist_info.rank == 0:
+            rec = ResultRecord(method=cfg.method, model=cfg.model.name, dataset=data.name, budget=cfg.budget.spec,
+                               eval="pretrain", metric="final_loss", value=float("nan"), seed=cfg.seed,
+                               status="failed", note=str(e), config_hash=cfg.config_hash(),
+                               git_revision=git_revision(), recipe=cfg.recipe, time=now_iso())
+            append_records(records_path, [rec])
+        raise
+    meta = export_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result))
+    if dist_info.rank == 0:
+        for name, state in method.extra_exports().items():
+            export_extra(run_dir, name, state)
+        # without write_export: weights only; the export is unfinished until the caller writes its metadata
+        export_backbone(run_dir, method.eval_backbone().export_state_dict(), meta if write_export else None)
+        log.info("%s: %d steps (%.1f epochs) in %.1fs, %.0f img/s (%.0f%% waiting for data), final loss %.4f -> %s",
+                 cfg.method, result.steps, result.plan.epochs, result.pretrain_seconds, result.images_per_second,
+                 100 * result.data_wait_share, result.final_loss, run_dir)
+    return meta
+
+
+def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
+    x = meta.extra
+    return record_from_export(meta, data.name, "pretrain", "final_loss", float(x.get("final_loss", float("nan"))),
+                              "last step", budget_seconds=parse_budget(meta.budget).seconds,
+                              data_wait_share=x.get("data_wait_share"), git_revision=meta.git_revision,
+                              note=str(x.get("note", "")))
+
+
+def has_pretrain_record(records_path: Path, cfg: RunConfig) -> bool:
+    """Whether the records hold this run's 'ok' pretrain row: a re-run adds none twice, and a run killed between
+    its export and the append gets its row on the next run (an export alone is no proof of the record)."""
+    h = cfg.config_hash()
+    return any(r.eval == "pretrain" and r.status == "ok" and r.config_hash == h and r.method == cfg.method
+               and r.seed == cfg.seed for r in read_records(records_path)[0])
+
+
+def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: Path, recipe: str) -> Path:
+    """The floor every method must beat: the same backbone at step 0 (MAE init, fixed sin-cos positions)."""
+    cfg_key = f"{model.name}-{json.dumps(model.timm_kwargs(), sort_keys=True)}-{seed}"
+    digest = hashlib.sha256(cfg_key.encode()).hexdigest()[:10]
+    run_dir = out / data.name / "random-init" / f"{model.name}-s{seed}-{digest}"
+    if (run_dir / EXPORT_WEIGHTS).exists() and (run_dir / EXPORT_META).exists():
+        return run_dir
+    torch.manual_seed(seed)
+    bb = MaskedViT(model, BackboneOptions(pos_embed="sincos", init="mae"))
+    meta = bb.export_meta(mean=tuple(data.mean), std=tuple(data.std), method="random-init", steps=0, budget="-",
+                          budget_seconds=0.0, config_hash="", git_revision=git_revision(), dataset=data.name,
+                          seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})
+    export_backbone(run_dir, bb.export_state_dict(), meta)
+    return run_dir
