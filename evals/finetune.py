@@ -58,7 +58,7 @@ from tqdm import tqdm
 from evals.features import EvalContext, make_record
 from repro.checkpoint import CheckpointError, ExportMeta, read_export
 from repro.config import ConfigError, EvalConfig
-from repro.data import FileImages, Split, TensorImages, _FileDataset
+from repro.data import FileImages, Split, TensorImages, _FileDataset, pil_load
 from repro.errors import NonFiniteLoss
 from repro.records import ResultRecord
 from repro.seeds import epoch_seed
@@ -302,7 +302,7 @@ def train_loader(split: Split, transform, batch: int, steps: int, seed: int, dev
         ds = _TensorPilDataset(split, transform)
     else:
         assert isinstance(split, FileImages)
-        ds = _FileDataset(split, transform, "skip")
+        ds = _FileDataset(split, pil_load(transform), "skip")
     workers = default_workers(device)
     return torch.utils.data.DataLoader(
         ds, batch_sampler=_EpochBatches(len(split), batch, steps, seed), num_workers=workers,

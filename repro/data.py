@@ -348,25 +348,37 @@ def load_data(cfg: DataConfig) -> DatasetSplits:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, split: FileImages, transform, policy: str) -> None:
-        self.split, self.transform, self.policy = split, transform, policy
+    """Items are indices or (index, seed) pairs; ``load(path, seed)`` makes the sample. A file that cannot be read
+    is skipped (the next index) with a warning, or named (``policy='fail'``)."""
+
+    def __init__(self, split: FileImages, load, policy: str) -> None:
+        self.split, self.load, self.policy = split, load, policy
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        i, seed = item if isinstance(item, tuple) else (item, 0)
         for attempt in range(len(self.split)):
             j = (i + attempt) % len(self.split)
+            path = self.split.paths[j]
             try:
-                img = _open_rgb(self.split.paths[j])
-            except Exception as e:  # noqa: BLE001
+                out = self.load(path, seed)
+            except Exception as e:  # noqa: BLE001 - corrupt/truncated/unreadable files all end here
                 if self.policy == "fail":
-                    raise DataError(f"{self.split.paths[j]}: cannot decode image ({e})") from None
-                log.warning("skipping unreadable image %s (%s)", self.split.paths[j], e)
+                    raise DataError(f"{path}: cannot decode image ({e})") from None
+                log.warning("skipping unreadable image %s (%s)", path, e)
                 continue
-            out = self.transform(img)
-            return (out if isinstance(out, tuple) else (out,)), int(self.split.labels[j])
+            return out, int(self.split.labels[j])
         raise DataError("no readable image in the dataset")
+
+
+def pil_load(transform):
+    """A ``_FileDataset`` loader: the RGB PIL image through ``transform``, as a tuple of views."""
+    def load(path: str, seed: int) -> tuple:
+        out = transform(_open_rgb(path))
+        return out if isinstance(out, tuple) else (out,)
+    return load
 
 
 def balanced_subset(split: Split, n: int) -> Split:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.config import DataConfig
-from repro.data import DataError, DatasetSplits, FileImages, Split, TensorImages, _open_rgb
+from repro.data import DataError, DatasetSplits, FileImages, Split, TensorImages, _FileDataset, _open_rgb
 from repro.method import Batch
 from repro.seeds import epoch_seed, image_seed
 from repro.views import TensorAugment, ViewSpec, apply_photometric, normalize_uint8, pil_view_transform
@@ -185,8 +185,12 @@ def plan_crops(spec: ViewSpec, height: int, width: int, seed: int) -> CropPlan:
 
 def dct_reduction(boxes: Tensor, size: int) -> int:
     """The largest JPEG DCT reduction (8, 4, 2 or 1) that leaves every crop at least ``size`` px on each side."""
-    smallest = float(boxes[:, 2:].min())
-    return next(r for r in DCT_REDUCTIONS if r == 1 or smallest / r >= size)
+    return reduction_for(float(boxes[:, 2:].min()), size)
+
+
+def reduction_for(side: float, size: int) -> int:
+    """The largest DCT reduction that keeps a ``side``-px extent at least ``size`` px (1 when none does)."""
+    return next(r for r in DCT_REDUCTIONS if r == 1 or side / r >= size)
 
 
 def resize_crop(image: Tensor, box: tuple[float, float, float, float], size: int, flip: bool, mode: str) -> Tensor:
@@ -266,31 +270,6 @@ def crops_of(d: Decoded, size: int, mode: str) -> tuple[Tensor, ...]:
 def fast_crops(data: bytes, spec: ViewSpec, size: int, seed: int, *, reduce: bool = True) -> tuple[Tensor, ...]:
     """``data.decode=fast`` for one encoded image: uint8 crops (3, size, size), one per :func:`crop_count`."""
     return crops_of(decode_for_crops(data, spec, size, seed, reduce=reduce), size, spec.interpolation)
-
-
-class _StreamDataset(torch.utils.data.Dataset):
-    """Items are (index, seed) pairs; a file that cannot be read is skipped (next index) or named (``fail``)."""
-
-    def __init__(self, split: FileImages, load, policy: str) -> None:
-        self.split, self.load, self.policy = split, load, policy
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, item: tuple[int, int]):
-        i, seed = item
-        for attempt in range(len(self.split)):
-            j = (i + attempt) % len(self.split)
-            path = self.split.paths[j]
-            try:
-                out = self.load(path, seed)
-            except Exception as e:  # noqa: BLE001 - corrupt/truncated/unreadable files all end here
-                if self.policy == "fail":
-                    raise DataError(f"{path}: cannot decode image ({e})") from None
-                log.warning("skipping unreadable image %s (%s)", path, e)
-                continue
-            return out, int(self.split.labels[j])
-        raise DataError("no readable image in the dataset")
 
 
 class _PilLoad:
@@ -423,7 +402,7 @@ class StreamBatchSource:
         self.sampler, self.device, self.num_workers = sampler, device, resolve_workers(num_workers)
         load = {"pil": lambda: _PilLoad(spec, size, mean, std), "fast": lambda: _FastLoad(spec, size),
                 "gpu": lambda: _BytesLoad(spec)}[decode]()
-        self.dataset = _StreamDataset(split, load, policy)
+        self.dataset = _FileDataset(split, load, policy)
         self.views = DeviceViews(spec, mean, std)
 
     def _loader(self, start: int, stop: int):
@@ -482,7 +461,7 @@ def eval_view(data: bytes, size: int) -> Tensor:
     resize = int(round(size / 0.875))
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
-        r = next(r for r in DCT_REDUCTIONS if r == 1 or min(width, height) / r >= resize)
+        r = reduction_for(min(width, height), resize)
         if r == 1 and im.format == "JPEG" and im.mode in ("RGB", "L"):
             image = _decode_jpeg_rgb(data)
         else:
@@ -527,7 +506,7 @@ def eval_batches(split: Split, size: int, mean, std, batch_size: int, device: to
             x = split.images[i:i + batch_size].to(device)
             yield normalize_uint8(x, size, mean, std), split.labels[i:i + batch_size].to(device)
         return
-    ds = _StreamDataset(split, _EvalLoad(size), "skip")
+    ds = _FileDataset(split, _EvalLoad(size), "skip")
     loader = torch.utils.data.DataLoader(ds, batch_sampler=_InOrder(len(split), batch_size),
                                          num_workers=resolve_workers(num_workers), pin_memory=device.type == "cuda")
     for views, labels in loader:
