@@ -2,7 +2,7 @@
 
 Evaluates one existing export (or any timm checkpoint laid out as one) with exactly the harness
 ``repro.run`` uses: load the data, build an :class:`~evals.features.EvalContext`, call the eval's
-``run(ctx, export_dir)``, append the records to ``<results>/records/<dataset>.jsonl`` and print the numbers.
+``run(ctx, export_dir, settings)``, append the records to ``<results>/records/<dataset>.jsonl`` and print the numbers.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from evals.registry import EVALS, eval_settings, normalized
 from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, read_export
 from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
@@ -66,7 +67,8 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     bad = [k for k in sets if not (k.startswith(_KEYS) or k == "seed")]
     if bad:
         raise ConfigError(f"--set {bad[0]}: only eval.*, data.* and seed apply to an existing export")
-    return apply_overrides(cfg, sets)
+    cfg = apply_overrides(cfg, sets)
+    return replace(cfg, eval=normalized(cfg.eval))
 
 
 def _device(choice: str) -> torch.device:
@@ -77,7 +79,7 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def run_cli(run: Callable[..., list[ResultRecord]], args: argparse.Namespace) -> list[ResultRecord]:
+def run_cli(name: str, args: argparse.Namespace) -> list[ResultRecord]:
     from evals.features import EvalContext
 
     cfg = resolve(args)
@@ -86,19 +88,18 @@ def run_cli(run: Callable[..., list[ResultRecord]], args: argparse.Namespace) ->
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = load_data(cfg.data)
-    ctx = EvalContext(data, cfg.eval, device, seed=cfg.seed, progress=not args.no_progress)
-    records = run(ctx, args.export)
+    ctx = EvalContext(data, eval_settings(cfg.eval), device, seed=cfg.seed, progress=not args.no_progress)
+    records = EVALS[name].run(ctx, args.export, ctx.settings[name])
     append_records(args.results / "records" / f"{data.name}.jsonl", records)
     return records
 
 
-def main(name: str, run: Callable[..., list[ResultRecord]], doc: str | None = None,
-         argv: list[str] | None = None) -> int:
+def main(name: str, doc: str | None = None, argv: list[str] | None = None) -> int:
     """Entry point of ``python -m evals.<name>``; returns the exit status."""
     args = build_parser(name, doc).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[evals] %(message)s", stream=sys.stderr)
     try:
-        records = run_cli(run, args)
+        records = run_cli(name, args)
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
         print(f"evals: error: {e}", file=sys.stderr)
         return 2

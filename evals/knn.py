@@ -7,13 +7,15 @@ images, each voting for its class with weight ``exp(sim / T)``, T = 0.07; top-1 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evals.features import EvalContext, make_record, subset_note
+from evals.features import EvalContext, FeatureSettings, make_record, subset_note
+from repro.config import ConfigError
 from repro.records import ResultRecord
 
 
@@ -34,16 +36,27 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: i
     return torch.cat(preds)
 
 
-SETTINGS = ("knn_k", "knn_temperature", "train_subset")
-"""The ``eval`` settings this protocol's numbers depend on (they key its done-marker and records)."""
+@dataclass(frozen=True, kw_only=True)
+class Settings(FeatureSettings):
+    """``eval.*`` settings of the kNN monitor."""
+
+    knn_k: int = 20
+    """k of the weighted kNN vote (DINO protocol)."""
+    knn_temperature: float = 0.07
+    """Temperature of the kNN vote weights exp(sim / T)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.knn_k < 1 or not self.knn_temperature > 0:
+            raise ConfigError("eval.knn_k must be >= 1 and eval.knn_temperature > 0")
 
 
-def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
+def run(ctx: EvalContext, export_dir: Path, s: Settings) -> list[ResultRecord]:
     t0 = time.perf_counter()
-    f, meta = ctx.features(export_dir)
-    pred = knn_predict(f.train_x, f.train_y, f.test_x, f.num_classes, ctx.cfg.knn_k, ctx.cfg.knn_temperature)
+    f, meta = ctx.features(export_dir, s)
+    pred = knn_predict(f.train_x, f.train_y, f.test_x, f.num_classes, s.knn_k, s.knn_temperature)
     acc = (pred == f.test_y).float().mean().item() * 100
-    rule = f"k={ctx.cfg.knn_k}, T={ctx.cfg.knn_temperature} fixed (DINO protocol); nothing selected" + subset_note(ctx)
+    rule = f"k={s.knn_k}, T={s.knn_temperature} fixed (DINO protocol); nothing selected" + subset_note(ctx, s)
     return [make_record(ctx, meta, "knn", "top1", acc, rule, time.perf_counter() - t0)]
 
 
@@ -52,4 +65,4 @@ if __name__ == "__main__":
 
     from evals.cli import main
 
-    sys.exit(main("knn", run, __doc__))
+    sys.exit(main("knn", __doc__))

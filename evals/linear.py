@@ -16,6 +16,7 @@ stated in every record's ``selection`` field.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +25,36 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import Tensor, nn
 
-from evals.features import EvalContext, make_record, subset_note
-from repro.config import EvalConfig
+from evals.features import EvalContext, FeatureSettings, make_record, subset_note
+from repro.config import ConfigError
 from repro.records import ResultRecord
 from repro.schedules import cosine_after_warmup
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(FeatureSettings):
+    """``eval.*`` settings of the linear probe."""
+
+    linear_epochs: int = 90
+    """Linear-probe epochs (MAE protocol: 90)."""
+    linear_warmup_epochs: int = 10
+    """Linear-probe warmup epochs (MAE protocol: 10)."""
+    linear_batch_size: int = 16384
+    """Linear-probe batch (MAE protocol: 16384); capped at the training-set size."""
+    linear_base_lrs: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2, 0.4)
+    """Base learning rates swept (x batch/256); MAE's default is 0.1."""
+    holdout_fraction: float = 0.1
+    """Slice of train held out to select the linear-probe learning rate."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.holdout_fraction < 0.5:
+            raise ConfigError("eval.holdout_fraction must be in (0, 0.5)")
+        if not self.linear_base_lrs:
+            raise ConfigError("eval.linear_base_lrs must not be empty")
+        if self.linear_epochs < 1 or self.linear_batch_size < 1 or self.linear_warmup_epochs < 0:
+            raise ConfigError("eval.linear_epochs and eval.linear_batch_size must be positive, "
+                              "eval.linear_warmup_epochs >= 0")
 
 
 class ProbeHeads(nn.Module):
@@ -47,7 +74,7 @@ class ProbeHeads(nn.Module):
         return [h(z) for h in self.heads]
 
 
-def train_probes(x: Tensor, y: Tensor, num_classes: int, base_lrs: tuple[float, ...], cfg: EvalConfig,
+def train_probes(x: Tensor, y: Tensor, num_classes: int, base_lrs: tuple[float, ...], cfg: Settings,
                  seed: int) -> ProbeHeads:
     """Train one head per base lr for ``cfg.linear_epochs`` epochs over the rows of (x, y)."""
     n = x.shape[0]
@@ -94,15 +121,9 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return perm[k:], perm[:k]
 
 
-SETTINGS = ("linear_epochs", "linear_warmup_epochs", "linear_batch_size", "linear_base_lrs", "holdout_fraction",
-            "train_subset")
-"""The ``eval`` settings this protocol's numbers depend on (they key its done-marker and records)."""
-
-
-def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
+def run(ctx: EvalContext, export_dir: Path, cfg: Settings) -> list[ResultRecord]:
     t0 = time.perf_counter()
-    f, meta = ctx.features(export_dir)
-    cfg = ctx.cfg
+    f, meta = ctx.features(export_dir, cfg)
     fit_idx, val_idx = holdout_split(f.train_x.shape[0], cfg.holdout_fraction, ctx.seed)
     dev = f.train_x.device
     fit_idx, val_idx = fit_idx.to(dev), val_idx.to(dev)
@@ -114,7 +135,7 @@ def run(ctx: EvalContext, export_dir: Path) -> list[ResultRecord]:
     test_acc = accuracies(final, f.test_x, f.test_y)[0]
     rule = (f"base_lr {blr} chosen from {list(cfg.linear_base_lrs)} on a {cfg.holdout_fraction:.0%} held-out slice "
             f"of train (held-out top1 {val_acc[best]:.2f}); retrained on all train, last epoch; cached "
-            "centre-crop features (no probe augmentation)" + subset_note(ctx))
+            "centre-crop features (no probe augmentation)" + subset_note(ctx, cfg))
     return [make_record(ctx, meta, "linear", "top1", test_acc, rule, time.perf_counter() - t0)]
 
 
@@ -123,4 +144,4 @@ if __name__ == "__main__":
 
     from evals.cli import main
 
-    sys.exit(main("linear", run, __doc__))
+    sys.exit(main("linear", __doc__))

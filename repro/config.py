@@ -137,59 +137,19 @@ class BudgetConfig:
     """Calibration stops adding steps once it has used this fraction of a wall-clock budget."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    knn_k: int = 20
-    """k of the weighted kNN vote (DINO protocol)."""
-    knn_temperature: float = 0.07
-    """Temperature of the kNN vote weights exp(sim / T)."""
-    linear_epochs: int = 90
-    """Linear-probe epochs (MAE protocol: 90)."""
-    linear_warmup_epochs: int = 10
-    """Linear-probe warmup epochs (MAE protocol: 10)."""
-    linear_batch_size: int = 16384
-    """Linear-probe batch (MAE protocol: 16384); capped at the training-set size."""
-    linear_base_lrs: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2, 0.4)
-    """Base learning rates swept (x batch/256); MAE's default is 0.1."""
-    holdout_fraction: float = 0.1
-    """Slice of train held out to select the linear-probe learning rate."""
-    feature_batch_size: int = 256
-    """Batch for frozen feature extraction."""
-    train_subset: int = 0
-    """kNN bank and linear-probe training set: 0 = the whole training split; N = a class-balanced subset of N
-    training images, fixed by the dataset alone (same images for every export and seed). The test split is always
-    used whole. A CPU saving: frozen features cost a forward pass per image."""
-    finetune_recipe: str = "vit-b"
-    """Named fine-tune recipe in ``evals.finetune.FINETUNE_RECIPES``: vit-b, vit-l (MAE protocol) or small32."""
-    finetune_epochs: float | None = None
-    """Override the fine-tune recipe's epochs (warmup is kept, capped at half the run); None = the recipe's."""
-    finetune_batch_size: int | None = None
-    """Override the fine-tune recipe's batch (lr still scales as base_lr x batch / 256); None = the recipe's."""
-    ade20k_data: str | None = None
-    """ADEChallengeData2016 folder for ``--evals ade20k`` (images/ + annotations/, training + validation)."""
-    ade20k_recipe: str = "ade20k"
-    """Schedule in ``evals.dense.options.SEG_RECIPES``: ade20k (MAE/BEiT, 160k iterations) or tiny (smoke)."""
-    ade20k_train_split: str = "training"
-    ade20k_val_split: str = "validation"
-    coco_data: str | None = None
-    """COCO folder for ``--evals coco`` (annotations/instances_<split>.json + <split>/ images)."""
-    coco_recipe: str = "coco"
-    """Schedule in ``evals.dense.options.DET_RECIPES``: coco (ViTDet Mask R-CNN, 100 epochs) or tiny (smoke)."""
-    coco_train_split: str = "train2017"
-    coco_val_split: str = "val2017"
+@dataclass(frozen=True)
+class EvalValues:
+    """A run's ``eval.*`` values as the recipe and ``--set`` gave them. The core does not know the evaluations:
+    each owns a typed settings dataclass beside its ``run`` (registered in ``evals.registry``), which coerces and
+    checks these values (``evals.registry.eval_settings``; ``repro.run`` does so before anything starts)."""
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.holdout_fraction < 0.5:
-            raise ConfigError("eval.holdout_fraction must be in (0, 0.5)")
-        if self.finetune_epochs is not None and not self.finetune_epochs > 0:
-            raise ConfigError("eval.finetune_epochs must be positive")
-        if self.finetune_batch_size is not None and (self.finetune_batch_size < 2 or self.finetune_batch_size % 2):
-            raise ConfigError("eval.finetune_batch_size must be even and >= 2 (timm Mixup pairs a batch with its "
-                              "reverse)")
-        if not self.linear_base_lrs:
-            raise ConfigError("eval.linear_base_lrs must not be empty")
-        if self.train_subset < 0:
-            raise ConfigError("eval.train_subset must be >= 0 (0 = the whole training split)")
+    items: tuple[tuple[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.items)
+
+    def set(self, key: str, value: Any) -> EvalValues:
+        return EvalValues(tuple(sorted({**self.as_dict(), key: value}.items())))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,7 +164,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalValues = field(default_factory=EvalValues)
     seed: int = 0
 
     _SECTIONS = ("model", "data", "train", "budget", "eval")
@@ -212,7 +172,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method, "recipe": self.recipe, "seed": self.seed, "method_cfg": _asdict(self.method_cfg)}
         for name in self._SECTIONS:
-            d[name] = _asdict(getattr(self, name))
+            d[name] = self.eval.as_dict() if name == "eval" else _asdict(getattr(self, name))
         return d
 
     def config_hash(self) -> str:
@@ -331,6 +291,10 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             cfg = replace(cfg, method_cfg=new_m)
         elif parts[0] == "seed" and len(parts) == 1:
             cfg = replace(cfg, seed=coerce(value, int, key))
+        elif parts[0] == "eval":  # typed and checked by the evaluation that owns the key (evals.registry)
+            if len(parts) != 2 or not parts[1]:
+                raise ConfigError(f"unknown key {key!r}; evaluation keys are eval.<setting>, e.g. eval.knn_k=20")
+            cfg = replace(cfg, eval=cfg.eval.set(parts[1], value))
         elif parts[0] in RunConfig._SECTIONS and len(parts) >= 2:
             section = _replace_field(getattr(cfg, parts[0]), parts[1:], value, key)
             cfg = replace(cfg, **{parts[0]: section})
@@ -355,7 +319,7 @@ __all__ = [
     "BudgetConfig",
     "ConfigError",
     "DataConfig",
-    "EvalConfig",
+    "EvalValues",
     "ModelConfig",
     "RunConfig",
     "TrainConfig",

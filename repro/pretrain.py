@@ -194,3 +194,18 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
                           seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})
     export_backbone(run_dir, bb.export_state_dict(), meta)
     return run_dir
+
+
+def random_teacher_export(cfg: RunConfig, out: Path, teacher: str = "mocov3") -> Path:
+    """A ``teacher`` export (MoCo v3: backbone + projector) of ``cfg``'s architecture, at its random init (from the
+    global RNG): a method's prerequisite (MimCo's frozen teacher) for ``repro.bench`` and the tests."""
+    tcfg = build_config(teacher, cfg.recipe, {"train.batch_size": 2, "train.compile": False, "train.amp": False})
+    tcfg = replace(tcfg, model=cfg.model)  # the teacher the same recipe trains, on this architecture
+    moco = build_method(tcfg)
+    bb = moco.eval_backbone()
+    meta = bb.export_meta(mean=(0.5,) * 3, std=(0.25,) * 3, method=teacher, steps=0, budget="-",
+                          budget_seconds=None, config_hash="bench", git_revision="")
+    for name, state in moco.extra_exports().items():
+        export_extra(out, name, state)
+    export_backbone(out, bb.export_state_dict(), meta)
+    return out

@@ -32,7 +32,7 @@ def tiny(method: str) -> list[Override]:
         Override("eval.linear_batch_size", 256, "5k training features; 16384 would be one step per epoch"),
         Override("eval.feature_batch_size", 512, "small images"),
         Override("eval.finetune_recipe", "small32", "MAE's fine-tune protocol scaled to 5k 32-px images on a CPU: "
-                 "a few epochs of batch 128 instead of 100 epochs of batch 1024 (evals/finetune.py says why)"),
+                 "a few epochs of batch 128 instead of 100 epochs of batch 1024 (evals/finetune/recipes.py says why)"),
         Override("eval.ade20k_recipe", "tiny", "2 iterations on 64-px crops: checks the ADE20K harness end to end; "
                  "160k iterations of a 512-px UperNet are a GPU job"),
         Override("eval.coco_recipe", "tiny", "2 iterations on 128-px canvases: checks the COCO harness end to end"),
@@ -97,7 +97,7 @@ def cifar10(method: str) -> list[Override]:
                  "barely moves the probe. Swept identically for every method, selected on the held-out 10% of the "
                  "training set, never on the test images"),
         Override("eval.finetune_recipe", "cifar10", "MAE's fine-tune protocol for 50k 32-px images in minutes: see "
-                 "evals/finetune.py"),
+                 "evals/finetune/recipes.py"),
     ]
     per_method: dict[str, list[Override]] = {
         "micl": [Override("method.mask_ratio", 0.75, "0.9 of 64 tokens keeps 6 (3 per view); 0.75 keeps 16 "

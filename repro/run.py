@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from evals.registry import EVALS
+from evals.registry import EVALS, eval_settings, normalized
 from repro import distributed
 from repro.budget import BudgetError, parse_budget
 from repro.checkpoint import (
@@ -103,7 +103,8 @@ def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) 
     scoped = {k: v for k, v in sets.items() if k.split(".", 1)[0] in METHODS}
     shared = {k: v for k, v in sets.items() if k not in scoped}
     mine = {"method." + k.split(".", 1)[1]: v for k, v in scoped.items() if k.split(".", 1)[0] == method}
-    return apply_overrides(cfg, {**shared, **mine})
+    cfg = apply_overrides(cfg, {**shared, **mine})
+    return replace(cfg, eval=normalized(cfg.eval))  # eval.* keys are checked by the evaluations that own them
 
 
 def run_dir_for(out: Path, dataset: str, cfg: RunConfig) -> Path:
@@ -146,7 +147,7 @@ def _main(args: argparse.Namespace) -> int:
     if dense_tasks:  # missing data paths or mm* packages fail now, not after hours of pre-training
         from evals.dense import check_ready
 
-        check_ready(configs[0].eval, dense_tasks)
+        check_ready(eval_settings(configs[0].eval), dense_tasks)
 
     results_dir = Path(args.results)
     out = Path(args.out)
@@ -184,7 +185,8 @@ def _main(args: argparse.Namespace) -> int:
     if evals:
         from evals.features import EvalContext
 
-        ctx = EvalContext(data, configs[0].eval, dist_info.device, seed=configs[0].seed, progress=progress)
+        ctx = EvalContext(data, eval_settings(configs[0].eval), dist_info.device, seed=configs[0].seed,
+                          progress=progress)
         for run_dir in exports:
             evaluate(run_dir, evals, ctx, records_path, tensorboard=configs[0].train.tensorboard, wait=args.wait)
         seen = set()

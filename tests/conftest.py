@@ -51,7 +51,7 @@ def mimco_teacher() -> Path:
     if "t" not in _TEACHERS:
         import tempfile
 
-        from repro.bench import random_teacher_export
+        from repro.pretrain import random_teacher_export
 
         out = Path(tempfile.mkdtemp(prefix="mimco-teacher-"))
         atexit.register(shutil.rmtree, out, True)
@@ -65,7 +65,7 @@ def float64_mimco_teacher() -> Path:
     if "t64" not in _TEACHERS:
         import tempfile
 
-        from repro.bench import random_teacher_export
+        from repro.pretrain import random_teacher_export
 
         out = Path(tempfile.mkdtemp(prefix="mimco-teacher64-"))
         atexit.register(shutil.rmtree, out, True)

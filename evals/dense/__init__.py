@@ -13,11 +13,11 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from repro.config import ConfigError, EvalConfig
+from repro.config import ConfigError
 from repro.records import ResultRecord
 
 
@@ -25,7 +25,7 @@ from repro.records import ResultRecord
 class DenseTask:
     """Everything the suite knows about one dense evaluation; a new task is one more entry in :data:`TASKS` (plus
     its module with a native mmengine config and its recipes in ``options.py``). Its ``eval.*`` settings are
-    ``eval.<name>_data``, ``_recipe``, ``_train_split`` and ``_val_split``."""
+    ``eval.<name>_data``, ``_recipe``, ``_train_split`` and ``_val_split`` (:attr:`settings`)."""
 
     name: str
     module: str
@@ -34,34 +34,44 @@ class DenseTask:
     """Packages it imports (the ``dense`` extra)."""
     data_hint: str
     """What ``eval.<name>_data`` must point at."""
+    recipe: str
+    """Default ``eval.<name>_recipe`` (the paper schedule)."""
+    splits: tuple[str, str]
+    """Default ``eval.<name>_train_split`` and ``_val_split``."""
+    settings: type = field(init=False)
+    """The task's settings dataclass (every field keys its evaluations: the data path names the dataset)."""
 
-    @property
-    def settings(self) -> tuple[str, ...]:
-        return tuple(f"{self.name}_{k}" for k in ("data", "recipe", "train_split", "val_split"))
+    def __post_init__(self) -> None:
+        n = self.name
+        object.__setattr__(self, "settings", make_dataclass(f"{n.title()}Settings", [
+            (f"{n}_data", str | None, field(default=None)),
+            (f"{n}_recipe", str, field(default=self.recipe)),
+            (f"{n}_train_split", str, field(default=self.splits[0])),
+            (f"{n}_val_split", str, field(default=self.splits[1])),
+        ], frozen=True, kw_only=True))
 
-    def values(self, cfg: EvalConfig) -> tuple[str | None, str, str, str]:
-        data, recipe, train, val = (getattr(cfg, f) for f in self.settings)
-        return data, recipe, train, val
+    def values(self, s: Any) -> tuple[str | None, str, str, str]:
+        """(data, recipe, train split, val split) from an instance of :attr:`settings`."""
+        n = self.name
+        return (getattr(s, f"{n}_data"), getattr(s, f"{n}_recipe"), getattr(s, f"{n}_train_split"),
+                getattr(s, f"{n}_val_split"))
 
 
 TASKS = {t.name: t for t in (
-    DenseTask("ade20k", "evals.segmentation", ("mmengine", "mmcv", "mmseg"), "ADEChallengeData2016 folder"),
-    DenseTask("coco", "evals.detection", ("mmengine", "mmcv", "mmdet", "pycocotools"), "COCO folder"),
+    DenseTask("ade20k", "evals.segmentation", ("mmengine", "mmcv", "mmseg"), "ADEChallengeData2016 folder",
+              "ade20k", ("training", "validation")),
+    DenseTask("coco", "evals.detection", ("mmengine", "mmcv", "mmdet", "pycocotools"), "COCO folder", "coco",
+              ("train2017", "val2017")),
 )}
-ADE20K_SETTINGS = TASKS["ade20k"].settings
-COCO_SETTINGS = TASKS["coco"].settings
 
 
-def _settings(cfg: EvalConfig, task: str) -> tuple[str | None, str, str, str]:
-    return TASKS[task].values(cfg)
-
-
-def check_ready(cfg: EvalConfig, tasks: list[str]) -> None:
-    """Fail fast (before pre-training) when a requested dense eval lacks its data path or its packages."""
+def check_ready(settings: dict[str, Any], tasks: list[str]) -> None:
+    """Fail fast (before pre-training) when a requested dense eval lacks its data path or its packages;
+    ``settings`` maps each task to its settings object."""
     from evals.dense.options import recipes_for
 
     for task in tasks:
-        data, recipe = _settings(cfg, task)[:2]
+        data, recipe = TASKS[task].values(settings[task])[:2]
         if recipe not in recipes_for(task):
             raise ConfigError(f"eval.{task}_recipe={recipe}: unknown (choose from {', '.join(recipes_for(task))})")
         if not data:
@@ -74,19 +84,19 @@ def check_ready(cfg: EvalConfig, tasks: list[str]) -> None:
                               "pip install -e '.[dense]'")
 
 
-def command(cfg: EvalConfig, task: str, export_dir: Path, device: str, records_out: Path) -> list[str]:
-    data, recipe, train_split, val_split = _settings(cfg, task)
+def command(s: Any, task: str, export_dir: Path, device: str, records_out: Path) -> list[str]:
+    data, recipe, train_split, val_split = TASKS[task].values(s)
     return [sys.executable, "-m", TASKS[task].module, "--export", str(export_dir), "--data", str(data),
             "--recipe", recipe, "--train-split", train_split, "--val-split", val_split, "--device", device,
             "--records-out", str(records_out)]
 
 
-def run_task(ctx: Any, export_dir: Path, task: str) -> list[ResultRecord]:
+def run_task(ctx: Any, export_dir: Path, task: str, s: Any) -> list[ResultRecord]:
     """Run one dense eval of ``export_dir`` in a child process; its records come back through a JSON file."""
-    check_ready(ctx.cfg, [task])
+    check_ready({task: s}, [task])
     with tempfile.TemporaryDirectory(prefix=f"repro-{task}-") as tmp:
         out = Path(tmp) / "records.json"
-        cmd = command(ctx.cfg, task, Path(export_dir), ctx.device.type, out)
+        cmd = command(s, task, Path(export_dir), ctx.device.type, out)
         proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0 or not out.is_file():
             raise ConfigError(f"{TASKS[task].module} failed on {export_dir} (exit {proc.returncode}); its log is "
@@ -94,9 +104,8 @@ def run_task(ctx: Any, export_dir: Path, task: str) -> list[ResultRecord]:
         return [ResultRecord.from_dict(d) for d in json.loads(out.read_text())]
 
 
-def ade20k(ctx: Any, export_dir: Path) -> list[ResultRecord]:
-    return run_task(ctx, export_dir, "ade20k")
-
-
-def coco(ctx: Any, export_dir: Path) -> list[ResultRecord]:
-    return run_task(ctx, export_dir, "coco")
+def runner(task: str):
+    """The task's ``run(ctx, export_dir, settings)``, as the registry lists it."""
+    def run(ctx: Any, export_dir: Path, s: Any) -> list[ResultRecord]:
+        return run_task(ctx, export_dir, task, s)
+    return run

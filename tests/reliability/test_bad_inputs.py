@@ -308,7 +308,7 @@ def test_bad_input(case, tmp_path, capsys, caplog):
         main, prefix, argv = run_main, "repro: error:", [*COMMON_RUN(tmp_path), *argv[3:]]
     else:
         assert argv[2] == "evals.knn"
-        main, prefix = (lambda a: evals_main("knn", knn.run, knn.__doc__, a)), "evals: error:"
+        main, prefix = (lambda a: evals_main("knn", knn.__doc__, a)), "evals: error:"
         argv = [*COMMON_KNN(tmp_path), *argv[3:]]
     before = tree(tmp_path)
     caplog.set_level("INFO")

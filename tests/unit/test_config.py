@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
+from evals.registry import eval_settings, normalized
+from repro.config import ConfigError, EvalValues, RunConfig, apply_overrides, parse_set_args
 from repro.micl import MiCLConfig
 
 
@@ -15,8 +16,27 @@ def test_overrides_are_typed():
                                    "train.amp": "false", "eval.linear_base_lrs": "0.1,0.2", "seed": "3",
                                    "method.loss_group_size": "none"})
     assert cfg.train.batch_size == 64 and cfg.method_cfg.mask_ratio == 0.8 and cfg.model.img_size == 32
-    assert cfg.train.amp is False and cfg.eval.linear_base_lrs == (0.1, 0.2) and cfg.seed == 3
+    assert cfg.train.amp is False and cfg.seed == 3
     assert cfg.method_cfg.loss_group_size is None
+    settings = eval_settings(cfg.eval)  # eval.* values are typed by the evaluation that owns them
+    assert settings["linear"].linear_base_lrs == (0.1, 0.2)
+    assert normalized(cfg.eval).as_dict()["linear_base_lrs"] == (0.1, 0.2)
+
+
+def test_eval_keys_are_checked_by_the_evaluations_that_own_them():
+    s = eval_settings(EvalValues((("train_subset", "100"), ("knn_k", "5"))))
+    assert s["knn"].train_subset == s["linear"].train_subset == 100  # one key, shared by both protocols
+    assert s["knn"].knn_k == 5 and not hasattr(s["linear"], "knn_k")
+    full = normalized(EvalValues()).as_dict()
+    assert full["knn_k"] == 20 and full["finetune_recipe"] == "vit-b" and full["coco_val_split"] == "val2017"
+    for values, match in [((("knn_kk", "5"),), "unknown key 'eval.knn_kk'; valid keys under eval: "),
+                          ((("knn_k", "many"),), "eval.knn_k: expected an integer"),
+                          ((("holdout_fraction", "0.7"),), "holdout_fraction must be in"),
+                          ((("finetune_recipe", "vit-x"),), "unknown recipe 'vit-x'")]:
+        with pytest.raises(ConfigError, match=match):
+            eval_settings(EvalValues(values))
+    with pytest.raises(ConfigError, match="eval.<setting>"):
+        apply_overrides(base(), {"eval.linear.epochs": "3"})
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [

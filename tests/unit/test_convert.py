@@ -124,9 +124,6 @@ def test_mocov3_vit_small_gets_its_twelve_heads(tmp_path, capsys):
 
 def test_a_converted_export_evaluates_like_ours(tmp_path, capsys):
     from evals.cli import main as eval_main
-    from evals.finetune import run as finetune
-    from evals.knn import run as knn
-    from evals.linear import run as linear
 
     path, _ = released("mae", tmp_path)
     out = tmp_path / "export"
@@ -134,8 +131,8 @@ def test_a_converted_export_evaluates_like_ours(tmp_path, capsys):
     small = ["--set", "data.builtin_train=64", "--set", "data.builtin_test=32", "--set", "eval.linear_epochs=2",
              "--set", "eval.linear_warmup_epochs=1", "--set", "eval.finetune_epochs=1",
              "--set", "eval.finetune_batch_size=16"]
-    for name, fn in (("knn", knn), ("linear", linear), ("finetune", finetune)):
-        rc = eval_main(name, fn, None, ["--export", str(out), "--results", str(tmp_path / "res"), "--no-progress",
+    for name in ("knn", "linear", "finetune"):
+        rc = eval_main(name, None, ["--export", str(out), "--results", str(tmp_path / "res"), "--no-progress",
                                         "--device", "cpu", *small])
         assert rc == 0, capsys.readouterr().err
     recs = [json.loads(x) for x in (tmp_path / "res" / "records" / "builtin-shapes.jsonl").read_text().splitlines()]

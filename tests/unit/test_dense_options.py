@@ -41,7 +41,7 @@ from evals.dense.options import (
     vit_geometry,
 )
 from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS
-from repro.config import ConfigError, EvalConfig
+from repro.config import ConfigError
 from repro.records import read_records
 from tests.dense.fixtures import make_ade, make_coco, make_export
 
@@ -550,29 +550,34 @@ def test_coco_image_without_file_name(coco):
 # check_ready / command ----------------------------------------------------------------------------------------------
 
 
+def dense_settings(**kw) -> dict:
+    """Both tasks' settings objects, as ``evals.registry.eval_settings`` hands them out."""
+    return {name: t.settings(**{k: v for k, v in kw.items() if k.startswith(name)}) for name, t in dense.TASKS.items()}
+
+
 def test_check_ready_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--set eval\.ade20k_data="):
-        dense.check_ready(EvalConfig(), ["ade20k"])
+        dense.check_ready(dense_settings(), ["ade20k"])
     with pytest.raises(ConfigError, match=r"--set eval\.coco_data="):
-        dense.check_ready(EvalConfig(ade20k_data=str(tmp_path)), ["ade20k", "coco"])
+        dense.check_ready(dense_settings(ade20k_data=str(tmp_path)), ["ade20k", "coco"])
     with pytest.raises(ConfigError, match="not a directory"):
-        dense.check_ready(EvalConfig(ade20k_data=str(tmp_path / "nowhere")), ["ade20k"])
+        dense.check_ready(dense_settings(ade20k_data=str(tmp_path / "nowhere")), ["ade20k"])
     monkeypatch.setattr(dense.importlib.util, "find_spec", lambda name, *a: None if name == "mmseg" else object())
     with pytest.raises(ConfigError, match=r"dense extra \(mmseg missing\)"):
-        dense.check_ready(EvalConfig(ade20k_data=str(tmp_path)), ["ade20k"])
-    dense.check_ready(EvalConfig(coco_data=str(tmp_path)), ["coco"])  # mmseg is not needed for coco
-    dense.check_ready(EvalConfig(), [])  # nothing asked, nothing checked
+        dense.check_ready(dense_settings(ade20k_data=str(tmp_path)), ["ade20k"])
+    dense.check_ready(dense_settings(coco_data=str(tmp_path)), ["coco"])  # mmseg is not needed for coco
+    dense.check_ready(dense_settings(), [])  # nothing asked, nothing checked
     with pytest.raises(ConfigError, match=r"eval\.ade20k_recipe=bogus: unknown"):
-        dense.check_ready(EvalConfig(ade20k_data=str(tmp_path), ade20k_recipe="bogus"), ["ade20k"])
+        dense.check_ready(dense_settings(ade20k_data=str(tmp_path), ade20k_recipe="bogus"), ["ade20k"])
 
 
 @pytest.mark.parametrize("task", ["ade20k", "coco"])
 def test_command_round_trips_through_the_launcher_parser(task, tmp_path):
-    cfg = EvalConfig(ade20k_data=str(tmp_path / "ade20k"), ade20k_recipe="tiny", ade20k_train_split="tr-a",
+    cfg = dense_settings(ade20k_data=str(tmp_path / "ade20k"), ade20k_recipe="tiny", ade20k_train_split="tr-a",
                      ade20k_val_split="va-a", coco_data=str(tmp_path / "coco"), coco_recipe="tiny",
                      coco_train_split="tr-c", coco_val_split="va-c")
     out = tmp_path / "records.json"
-    cmd = dense.command(cfg, task, tmp_path / "exp", "cpu", out)
+    cmd = dense.command(cfg[task], task, tmp_path / "exp", "cpu", out)
     assert cmd[0] == sys.executable and cmd[1:3] == ["-m", dense.TASKS[task].module]
     suffix = "a" if task == "ade20k" else "c"
     for flag, value in (("--export", str(tmp_path / "exp")), ("--data", str(tmp_path / task)), ("--recipe", "tiny"),

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 import repro.evaluate as run
-from repro.config import EvalConfig
+from evals.registry import eval_settings
+from repro.config import EvalValues
 from repro.records import ResultRecord, append_records, read_records
 from repro.report import generate
 
@@ -19,22 +20,22 @@ class Counted:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, ctx, export_dir):
+    def __call__(self, ctx, export_dir, s):
         self.calls += 1
         return [ResultRecord(method="mae", model="vit_tiny", dataset=ctx.data.name, budget="2steps", eval="knn",
-                             metric="top1", value=10.0 * ctx.cfg.knn_k, seed=ctx.seed, recipe="tiny",
+                             metric="top1", value=10.0 * s.knn_k, seed=ctx.seed, recipe="tiny",
                              steps=2, time="")]
 
 
 def ctx(**eval_cfg):
     data = SimpleNamespace(name="toy", test_split_name="val", train=[0] * 50, test=[0] * 10)
-    return SimpleNamespace(cfg=EvalConfig(**eval_cfg), data=data, seed=0)
+    return SimpleNamespace(settings=eval_settings(EvalValues(tuple(eval_cfg.items()))), data=data, seed=0)
 
 
 @pytest.fixture
 def fake(monkeypatch):
     ev = Counted()
-    monkeypatch.setitem(run.EVALS, "knn", ev)
+    monkeypatch.setitem(run.EVALS, "knn", replace(run.EVALS["knn"], run=ev))
     return ev
 
 

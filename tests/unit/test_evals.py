@@ -3,8 +3,7 @@ from __future__ import annotations
 import torch
 
 from evals.knn import knn_predict
-from evals.linear import accuracies, holdout_split, train_probes
-from repro.config import EvalConfig
+from evals.linear import Settings, accuracies, holdout_split, train_probes
 
 
 def clusters(n_per=40, k=4, d=16, noise=0.3, seed=0):
@@ -29,7 +28,7 @@ def test_knn_recovers_clusters_and_weights_votes():
 def test_linear_probe_learns_separable_features():
     x, y = clusters(n_per=100)
     # LARS moves a probe by ~ lr * 0.001 * |w| per step: small data needs a large base lr (hence the tiny sweep)
-    cfg = EvalConfig(linear_epochs=20, linear_warmup_epochs=2, linear_batch_size=64, linear_base_lrs=(0.1, 10.0))
+    cfg = Settings(linear_epochs=20, linear_warmup_epochs=2, linear_batch_size=64, linear_base_lrs=(0.1, 10.0))
     probes = train_probes(x, y, 4, cfg.linear_base_lrs, cfg, seed=0)
     xt, yt = clusters(n_per=50, seed=1)
     assert max(accuracies(probes, xt, yt)) > 95.0

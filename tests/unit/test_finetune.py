@@ -14,6 +14,7 @@ from evals.features import EvalContext
 from evals.finetune import (
     FINETUNE_RECIPES,
     FinetuneKeyError,
+    Settings,
     build_finetune_model,
     finetune,
     make_mixup,
@@ -24,7 +25,7 @@ from evals.finetune import (
     train_transform,
 )
 from repro.checkpoint import EXPORT_WEIGHTS, read_export
-from repro.config import ConfigError, DataConfig, EvalConfig, ModelConfig
+from repro.config import ConfigError, DataConfig, ModelConfig
 from repro.data import FileImages, load_data
 from repro.pretrain import random_init_export
 from repro.trainer import NonFiniteLoss
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2)
 SMALL_DATA = DataConfig(builtin_train=64, builtin_test=32)
 # 64 images / batch 16 = 4 steps per epoch; 2 epochs = 8 optimizer steps
-SMOKE = EvalConfig(finetune_recipe="small32", finetune_epochs=2, finetune_batch_size=16, feature_batch_size=32)
+SMOKE = Settings(finetune_recipe="small32", finetune_epochs=2, finetune_batch_size=16, feature_batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +125,18 @@ def test_key_mapping_accepts_an_export_and_rejects_extra_missing_or_mis_shaped(e
 
 
 def test_recipe_overrides_and_unknown_recipe():
-    name, r = resolve_recipe(EvalConfig(finetune_recipe="small32", finetune_epochs=0.4, finetune_batch_size=8))
-    assert name == "small32" and r.epochs == 0.4 and r.warmup_epochs == 0.2 and r.batch_size == 8
-    assert resolve_recipe(EvalConfig())[1] == FINETUNE_RECIPES["vit-b"]
+    r = resolve_recipe(Settings(finetune_recipe="small32", finetune_epochs=0.4, finetune_batch_size=8))
+    assert r.epochs == 0.4 and r.warmup_epochs == 0.2 and r.batch_size == 8
+    assert resolve_recipe(Settings()) == FINETUNE_RECIPES["vit-b"]
     assert FINETUNE_RECIPES["vit-l"].layer_decay == 0.75 and FINETUNE_RECIPES["vit-l"].drop_path == 0.2
     with pytest.raises(ConfigError, match="unknown recipe 'vit-x'"):
-        resolve_recipe(EvalConfig(finetune_recipe="vit-x"))
+        Settings(finetune_recipe="vit-x")
     with pytest.raises(ConfigError, match="even"):
-        EvalConfig(finetune_batch_size=7)
+        Settings(finetune_batch_size=7)
 
 
-def _assert_finetuned(ctx: EvalContext, export_dir: Path, steps: int) -> None:
-    r, meta = finetune(ctx, export_dir)
+def _assert_finetuned(ctx: EvalContext, export_dir: Path, s: Settings, steps: int) -> None:
+    r, meta = finetune(ctx, export_dir, resolve_recipe(s), s.feature_batch_size)
     assert r.steps == steps
     assert torch.isfinite(torch.tensor(r.final_loss))
     assert 0.0 <= r.top1 <= r.top5 <= 100.0
@@ -146,9 +147,9 @@ def _assert_finetuned(ctx: EvalContext, export_dir: Path, steps: int) -> None:
 
 
 def test_finetune_smoke_builtin(builtin, export_dir):
-    _assert_finetuned(EvalContext(builtin, SMOKE, torch.device("cpu"), progress=False), export_dir, steps=8)
-    one_step = EvalConfig(finetune_recipe="small32", finetune_epochs=0.25, finetune_batch_size=16)
-    recs = run(EvalContext(builtin, one_step, torch.device("cpu"), progress=False), export_dir)
+    _assert_finetuned(EvalContext(builtin, {}, torch.device("cpu"), progress=False), export_dir, SMOKE, steps=8)
+    one_step = Settings(finetune_recipe="small32", finetune_epochs=0.25, finetune_batch_size=16)
+    recs = run(EvalContext(builtin, {}, torch.device("cpu"), progress=False), export_dir, one_step)
     assert [(r.eval, r.metric) for r in recs] == [("finetune", "top1"), ("finetune", "top5")]
     assert all(0.0 <= r.value <= 100.0 for r in recs)
     assert "LAST epoch" in recs[0].selection and "no best-epoch" in recs[0].selection
@@ -158,8 +159,8 @@ def test_finetune_smoke_cifar10_jpegs_streamed(cifar_jpeg_subset, tmp_path):
     data = load_data(DataConfig(path=str(cifar_jpeg_subset), in_memory="no", num_workers=0))
     assert isinstance(data.train, FileImages) and data.num_classes == 10
     export = random_init_export(MODEL, data, seed=0, out=tmp_path, recipe="tiny")
-    cfg = EvalConfig(finetune_recipe="small32", finetune_epochs=1, finetune_batch_size=32, feature_batch_size=64)
-    _assert_finetuned(EvalContext(data, cfg, torch.device("cpu"), progress=False), export, steps=200 // 32)
+    cfg = Settings(finetune_recipe="small32", finetune_epochs=1, finetune_batch_size=32, feature_batch_size=64)
+    _assert_finetuned(EvalContext(data, {}, torch.device("cpu"), progress=False), export, cfg, steps=200 // 32)
 
 
 def test_non_finite_loss_stops_with_the_trainer_error(builtin, export_dir, tmp_path):
@@ -169,16 +170,16 @@ def test_non_finite_loss_stops_with_the_trainer_error(builtin, export_dir, tmp_p
     state = load_file(str(export_dir / EXPORT_WEIGHTS))
     save_file({**state, "blocks.0.mlp.fc1.bias": torch.full_like(state["blocks.0.mlp.fc1.bias"], float("nan"))},
               str(bad / EXPORT_WEIGHTS))
-    cfg = EvalConfig(finetune_recipe="small32", finetune_epochs=0.25, finetune_batch_size=16)
+    cfg = Settings(finetune_recipe="small32", finetune_epochs=0.25, finetune_batch_size=16)
     with pytest.raises(NonFiniteLoss, match="not finite at step 0"):
-        finetune(EvalContext(builtin, cfg, torch.device("cpu"), progress=False), bad)
+        finetune(EvalContext(builtin, {}, torch.device("cpu"), progress=False), bad, resolve_recipe(cfg))
 
 
 def test_cli_help_and_set_scope(capsys, export_dir):
     with pytest.raises(SystemExit) as e:
-        cli_main("finetune", run, "Fine-tune.", ["--help"])
+        cli_main("finetune", "Fine-tune.", ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--export DIR" in out and "backbone.json" in out and "exit with status 2" in out
-    assert cli_main("knn", run, None, ["--export", str(export_dir), "--set", "model.depth=3"]) == 2
+    assert cli_main("knn", None, ["--export", str(export_dir), "--set", "model.depth=3"]) == 2
     assert "only eval.*, data.* and seed" in capsys.readouterr().err

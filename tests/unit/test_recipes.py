@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evals.finetune import FINETUNE_RECIPES
+from evals.registry import eval_settings
 from repro.config import RunConfig
 from repro.recipes import RECIPES, build_config
 from repro.registry import METHODS, build_method
@@ -20,16 +21,17 @@ def recipe_config(method: str, recipe: str, **extra) -> RunConfig:
 def test_every_override_applies_and_states_a_reason(recipe, method):
     overrides = RECIPES[recipe](method)
     assert all(len(o.why) > 10 for o in overrides)
-    recipe_config(method, recipe)  # unknown keys or wrong types raise ConfigError
+    eval_settings(recipe_config(method, recipe).eval)  # unknown keys or wrong types raise ConfigError
 
 
 def test_cifar10_recipe_shares_model_batch_and_protocol():
     cfgs = {m: recipe_config(m, "cifar10") for m in METHODS}
     assert {(c.model.name, c.model.img_size, c.model.patch_size, c.train.batch_size) for c in cfgs.values()} \
         == {("vit_small_patch16_224", 32, 4, 512)}
-    assert {c.eval.finetune_recipe for c in cfgs.values()} == {"cifar10"}
+    evals = [eval_settings(c.eval) for c in cfgs.values()]
+    assert {e["finetune"].finetune_recipe for e in evals} == {"cifar10"}
     assert "cifar10" in FINETUNE_RECIPES
-    assert len({c.eval.linear_base_lrs for c in cfgs.values()}) == 1
+    assert len({e["linear"].linear_base_lrs for e in evals}) == 1
 
 
 def test_cifar10_lrs_follow_each_papers_scaling_rule():
