@@ -1,5 +1,5 @@
-"""The fine-tuning model: the export's timm ViT with an avg-pool head, loaded through a checked key mapping, and
-its layer-decay AdamW."""
+"""The fine-tuning model: the export's timm ViT with an avg-pool head, loaded through a checked key mapping, its
+layer-decay AdamW and its Mixup/CutMix."""
 
 from __future__ import annotations
 
