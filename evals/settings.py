@@ -2,8 +2,8 @@
 a run's raw values (:class:`repro.config.EvalValues`) into those dataclasses, strictly.
 
 A field's name is its key (``eval.<field>``); a field two evaluations share (``train_subset`` for kNN and the
-linear probe) takes one value for both. Fields marked :data:`UNKEYED` do not change an evaluation's numbers
-(batch sizes of a frozen forward, data paths of nothing) and stay out of its done-marker key.
+linear probe) takes one value for both. Fields marked :data:`UNKEYED` do not change an evaluation's numbers (the
+batch size of a frozen forward pass) and stay out of its done-marker key.
 """
 
 from __future__ import annotations

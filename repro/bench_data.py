@@ -192,13 +192,14 @@ def render_stages(df) -> str:
     return "\n".join(lines)
 
 
-def write_stages(out: Path, rows: list[StageRow], merge: Callable) -> Path:
+def write_stages(out: Path, rows: list[StageRow]) -> Path:
     """Merge ``rows`` into ``<out>_data_stages.csv`` and regenerate ``<out>_data.md``."""
+    from repro.bench.tables import merge_csv
     from repro.checkpoint import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     csv = out.parent / f"{out.name}_data_stages.csv"
-    df = merge(csv, [asdict(r) for r in rows], ["device", "tag", "method", "size", "decode"])
+    df = merge_csv(csv, [asdict(r) for r in rows], ["device", "tag", "method", "size", "decode"])
     md = out.parent / f"{out.name}_data.md"
     atomic_write_text(md, render_stages(df) + "\n")
     return md

@@ -144,10 +144,11 @@ def _main(args: argparse.Namespace) -> int:
     if idle:
         raise ConfigError(f"--set {idle[0]}: {idle[0].split('.', 1)[0]} is not among the methods being run")
     configs = [resolve_config(m, args, {**sets, "seed": str(s)}) for s in args.seeds for m in args.methods]
+    settings = eval_settings(configs[0].eval)  # every config shares the --set eval.* values
     if dense_tasks:  # missing data paths or mm* packages fail now, not after hours of pre-training
         from evals.dense import check_ready
 
-        check_ready(eval_settings(configs[0].eval), dense_tasks)
+        check_ready(settings, dense_tasks)
 
     results_dir = Path(args.results)
     out = Path(args.out)
@@ -185,8 +186,7 @@ def _main(args: argparse.Namespace) -> int:
     if evals:
         from evals.features import EvalContext
 
-        ctx = EvalContext(data, eval_settings(configs[0].eval), dist_info.device, seed=configs[0].seed,
-                          progress=progress)
+        ctx = EvalContext(data, settings, dist_info.device, seed=configs[0].seed, progress=progress)
         for run_dir in exports:
             evaluate(run_dir, evals, ctx, records_path, tensorboard=configs[0].train.tensorboard, wait=args.wait)
         seen = set()

@@ -31,10 +31,10 @@ bench)
     timeout 300 $B --model vit_b --variant naive tuned --compile off --tag vit_b 2>&1 | grep -v "^W" || true
     timeout 240 $B --model vit_b --variant tuned --compile on --tag vit_b 2>&1 | grep -v "^W" || true
     timeout 150 $B --model vit_s vit_l --variant tuned --compile off --tag sizes 2>&1 | grep -v "^W" || true
-    # ImageNet-format streaming (issue 18): generated ImageNet-sized JPEGs; per-core stages and the real step fed by
-    # each decode pipeline (pil = plain torchvision, fast = reduced DCT + uint8 crops, gpu = batched nvJPEG)
     # the GPU-only tests (no pytest-benchmark on the device: its addopts are dropped)
     timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/unit 2>&1 | tail -5 || true
+    # ImageNet-format streaming (issue 18): generated ImageNet-sized JPEGs; per-core stages and the real step fed by
+    # each decode pipeline (pil = plain torchvision, fast = reduced DCT + uint8 crops, gpu = batched nvJPEG)
     [ -d /tmp/jpegs/train ] || $PY -m repro.bench_data /tmp/jpegs 4000 >/dev/null
     timeout 240 $B micl mae mocov3 --model vit_b --compile off --data /tmp/jpegs --decode pil fast gpu \
         --tag imagenet-jpeg 2>&1 | grep -v "^W" || true

@@ -24,7 +24,7 @@ from repro.bench.steps import (
     device_name,
     model_config,
 )
-from repro.bench.tables import merge_csv, write_results
+from repro.bench.tables import write_results
 from repro.config import ConfigError, DataConfig, parse_set_args
 from repro.flops import matmul_peak_flops
 from repro.recipes import RECIPES
@@ -174,7 +174,7 @@ def _main(args: argparse.Namespace) -> int:
     if stage_rows:
         from repro.bench_data import write_stages
 
-        log.info("wrote %s", write_stages(Path(args.out), stage_rows, merge_csv))
+        log.info("wrote %s", write_stages(Path(args.out), stage_rows))
     return 0
 
 

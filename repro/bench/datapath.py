@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from repro.bench.steps import _sync, build, device_name, make_step, model_config, synthetic_batch
+from repro.bench.steps import build, device_name, make_step, model_config, sync, synthetic_batch
 
 
 @dataclass
@@ -53,11 +53,11 @@ def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool
         source alone, the synthetic step and the real step, so their ratio is like for like."""
         for i in range(warmup):
             run(i)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for i in range(warmup, warmup + steps):
             run(i)
-        _sync(device)
+        sync(device)
         return steps * batch / (time.perf_counter() - t0)
 
     it = source.batches(0, warmup + steps)

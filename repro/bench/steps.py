@@ -148,7 +148,7 @@ def time_steps(run: Callable[[int], Any], steps: int, warmup: int, device: torch
     """Seconds of each of ``steps`` calls after ``warmup`` untimed ones (CUDA events: no sync between steps)."""
     for i in range(warmup):
         run(i)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for i, (start, end) in enumerate(events):
@@ -165,7 +165,7 @@ def time_steps(run: Callable[[int], Any], steps: int, warmup: int, device: torch
     return out
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
