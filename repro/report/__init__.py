@@ -26,6 +26,7 @@ import pandas as pd
 
 from repro.checkpoint import atomic_write_text
 from repro.records import ReadProblem, read_all
+from repro.report.claims import claims_markdown, load_claims
 from repro.report.curves import import_curves
 from repro.report.papers import load_reference, reference_markdown
 from repro.report.plots import plot_accuracy_vs_budget, plot_loss_curves
@@ -52,6 +53,8 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
              "`reference.csv` (the papers' numbers) and `curves/` (pre-training losses copied from the run "
              "directories). Do not edit the generated files; rerun the report.", ""]
     how: list[str] = []
+    claims = load_claims(results_dir / CLAIMS_FILE)
+    claims_md: list[str] = []
     for dataset in sorted(df["dataset"].unique()) if not df.empty else []:
         sub = df[df["dataset"] == dataset]
         table = dataset_table(sub)
@@ -83,6 +86,8 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
             links.append(f"[loss curves]({loss_png.name}) ([data](curves/{dataset}/))")
         ref_md, comp = reference_markdown(dataset, sub, ref)
         md += ref_md
+        claims_md += claims_markdown(sub, [c for c in claims if _has_records(sub, c.a) or _has_records(sub, c.b)],
+                                     dataset)
         atomic_write_text(md_path, "\n".join(md))
         csv_table = table if table.get("note", pd.Series(dtype=str)).astype(bool).any() else table.drop(
             columns="note", errors="ignore")
@@ -123,6 +128,10 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
     if problems:
         index += ["", "## Unreadable record lines", ""]
         index += [f"- {Path(p.path).name}:{p.line}: {p.reason}" for p in problems]
+    claims_path = results_dir / "claims.md"
+    if claims_md:
+        atomic_write_text(claims_path, "\n".join(claims_md).rstrip("\n") + "\n")
+        written.append(claims_path)
     index_path = results_dir / "README.md"
     about = [results_dir / n for n in ABOUT_FILES if (results_dir / n).is_file()]
     head = [p.read_text().rstrip("\n") + "\n" for p in about]
@@ -136,6 +145,12 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
 
 ABOUT_FILES = ("NOTES.md", "claims.md")
 """Hand-written notes and generated claims placed, in this order, at the top of a results directory's README."""
+CLAIMS_FILE = "claims.toml"
+"""A results directory's declared claims (``repro.report.claims``); the floor check needs no declaration."""
+
+
+def _has_records(df: pd.DataFrame, method: str) -> bool:
+    return bool((df["method"] == method).any())
 
 
 def report_problems(problems: list[ReadProblem]) -> None:
