@@ -25,9 +25,11 @@ from pathlib import Path
 import pandas as pd
 
 from repro.checkpoint import atomic_write_text
+from repro.config import ConfigError
 from repro.records import ReadProblem, read_all
 from repro.report.claims import claims_markdown, load_claims
 from repro.report.curves import import_curves
+from repro.report.numbers import check_results, render_notes
 from repro.report.papers import load_reference, reference_markdown
 from repro.report.plots import plot_accuracy_vs_budget, plot_loss_curves
 from repro.report.provenance import provenance, record_commands
@@ -134,7 +136,7 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
         written.append(claims_path)
     index_path = results_dir / "README.md"
     about = [results_dir / n for n in ABOUT_FILES if (results_dir / n).is_file()]
-    head = [p.read_text().rstrip("\n") + "\n" for p in about]
+    head = [render_notes(p.read_text(), df, str(p)).rstrip("\n") + "\n" for p in about]
     if head:
         index = [*head, f"*The sections above are {', '.join(p.name for p in about)}; what follows is generated.*",
                  "", *index]
@@ -146,6 +148,9 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
 ABOUT_FILES = ("NOTES.md", "claims.md")
 """Hand-written notes and generated claims placed, in this order, at the top of a results directory's README."""
 CLAIMS_FILE = "claims.toml"
+ABOUT_INPUTS = ("NOTES.md", CLAIMS_FILE)
+"""The hand-written inputs of a results directory besides its records (NOTES.md: prose whose numbers are
+``{{placeholders}}``, ``repro.report.numbers``)."""
 """A results directory's declared claims (``repro.report.claims``); the floor check needs no declaration."""
 
 
@@ -164,11 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="results", help="results directory (default: ./results)")
     ap.add_argument("--runs", default="runs", help="run directories to copy loss curves from into "
                     "<results>/curves (default: ./runs; skipped when absent)")
+    ap.add_argument("--check", action="store_true", help="regenerate nothing; check that every generated file under "
+                    "--results (nested results directories included) is what the records give byte for byte, and "
+                    "that every number in hand-written markdown is given by the records; exit 1 on any problem")
     args = ap.parse_args(argv)
     results_dir = Path(args.results)
     if not results_dir.exists():
         print(f"repro.report: error: {results_dir}: no such results directory", file=sys.stderr)
         return 2
+    try:
+        return _run(args, results_dir)
+    except ConfigError as e:
+        print(f"repro.report: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, results_dir: Path) -> int:
+    if args.check:
+        problems = check_results(results_dir)
+        for line in problems:
+            print(f"repro.report: {line}", file=sys.stderr)
+        print(f"repro.report --check: {len(problems)} problem(s) under {results_dir}")
+        return 1 if problems else 0
     _, problems = read_all(results_dir / "records")
     report_problems(problems)
     for p in generate(results_dir, Path(args.runs)):
