@@ -412,12 +412,14 @@ def claims_markdown(df: pd.DataFrame, claims: list[Claim], dataset: str) -> list
 
 
 def _mean_sd(a: Arm) -> str:
+    if not a.values:
+        return "-"
     return f"{a.mean:.2f} ± {a.std:.2f}" if a.n > 1 else f"{a.mean:.2f}"
 
 
 def _interval_cell(r: Result) -> str:
     assert r.a is not None and r.b is not None
-    if r.verdict == NOT_TESTABLE:
+    if r.verdict == NOT_TESTABLE or not r.b.values:
         return r.reason
     w = welch_interval(r.a.values, r.b.values)
     if w is None:

@@ -1,0 +1,137 @@
+"""Claims as data (repro.report.claims): intervals, verdicts, premises, and the 'reaches' fraction."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from repro.config import ConfigError
+from repro.report.claims import (
+    CANNOT_TELL,
+    CONTRADICTED,
+    NOT_TESTABLE,
+    SUPPORTED,
+    Claim,
+    check_beats,
+    check_reaches,
+    claims_markdown,
+    crossing,
+    load_claims,
+    welch_interval,
+)
+
+
+def rows(method: str, ev: str, budget: str, values: list[float], steps: int = 500, note: str = "") -> list[dict]:
+    out = []
+    for seed, v in enumerate(values):
+        out.append(dict(method=method, eval=ev, metric="top1", budget=budget, seed=seed, value=v, eval_key="",
+                        steps=None, note=""))
+        if method != "random-init" and ev == "knn":
+            out.append(dict(method=method, eval="pretrain", metric="final_loss", budget=budget, seed=seed, value=1.0,
+                            eval_key="", steps=steps, note=note))
+    return out
+
+
+def frame(*parts: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([r for p in parts for r in p]).drop_duplicates(["method", "eval", "metric", "budget", "seed"])
+
+
+def test_welch_interval_matches_scipy():
+    a, b = (40.1, 41.3, 40.7, 42.0), (38.2, 39.9, 37.5)
+    w = welch_interval(a, b)
+    assert w is not None
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert w.low == pytest.approx(ci.low) and w.high == pytest.approx(ci.high)
+    assert w.diff == pytest.approx(np.mean(a) - np.mean(b))
+    assert welch_interval((1.0,), b) is None
+
+
+def test_verdicts_follow_the_interval_and_need_three_seeds():
+    floor = rows("random-init", "knn", "-", [30.0, 30.5, 29.5])
+    c = Claim(id="x", kind="beats", a="m", b="random-init", evals=("knn",), budget="1e12flop")
+    up = check_beats(frame(rows("m", "knn", "1e12flop", [40.0, 41.0, 40.5]), floor), c, "knn")
+    assert up.verdict == SUPPORTED and "Welch" in up.interval
+    down = check_beats(frame(rows("m", "knn", "1e12flop", [20.0, 21.0, 20.5]), floor), c, "knn")
+    assert down.verdict == CONTRADICTED
+    same = check_beats(frame(rows("m", "knn", "1e12flop", [29.0, 31.0, 30.4]), floor), c, "knn")
+    assert same.verdict == CANNOT_TELL
+    # two seeds: an interval far from zero still gives no verdict
+    two = check_beats(frame(rows("m", "knn", "1e12flop", [40.0, 41.0]), floor), c, "knn")
+    assert two.verdict == CANNOT_TELL and "≥ 3 seeds" in two.reason
+
+
+def test_an_unmet_premise_is_not_testable_with_its_reason():
+    floor = rows("random-init", "knn", "-", [30.0, 30.5, 29.5])
+    c = Claim(id="x", kind="beats", a="m", b="random-init", evals=("knn",), budget="1e12flop", min_steps=100,
+              why="warm-up")
+    r = check_beats(frame(rows("m", "knn", "1e12flop", [40.0, 41.0, 40.5], steps=39), floor), c, "knn")
+    assert r.verdict == NOT_TESTABLE and "39 optimizer steps" in r.reason and "warm-up" in r.reason
+    teacher = "budget 1e12flop = stage 1 mocov3 teacher 5e11flop (19 steps, 60s) + stage 2 student"
+    c2 = Claim(id="y", kind="beats", a="m", b="random-init", evals=("knn",), budget="1e12flop", min_teacher_steps=50)
+    r2 = check_beats(frame(rows("m", "knn", "1e12flop", [40.0, 41.0, 40.5], note=teacher), floor), c2, "knn")
+    assert r2.verdict == NOT_TESTABLE and "teacher trained 19 steps" in r2.reason
+
+
+def test_arms_with_different_evaluation_settings_are_not_compared():
+    df = frame(rows("a", "knn", "1e12flop", [40.0, 41.0, 40.5]), rows("b", "knn", "1e12flop", [30.0, 31.0, 30.5]))
+    df.loc[df["method"] == "b", "eval_key"] = "other"
+    df.loc[(df["method"] == "a") & (df["eval"] == "knn"), "eval_key"] = "mine"
+    r = check_beats(df, Claim(id="x", kind="beats", a="a", b="b", evals=("knn",), budget="1e12flop"), "knn")
+    assert r.verdict == NOT_TESTABLE and "different evaluation settings" in r.reason
+
+
+def test_crossing_is_log_linear_and_censored_at_the_ends():
+    assert crossing([1e12, 1e13], [10.0, 20.0], 15.0) == pytest.approx(math.sqrt(1e12 * 1e13))
+    assert crossing([1e12, 1e13], [10.0, 20.0], 5.0) == -math.inf
+    assert crossing([1e12, 1e13], [10.0, 20.0], 25.0) == math.inf
+
+
+def curve(method: str, means: dict[str, float], spread: float = 0.3) -> list[dict]:
+    out = []
+    for budget, m in means.items():
+        out += rows(method, "knn", budget, [m - spread, m, m + spread])
+    return out
+
+
+def test_reaches_needs_the_target_above_the_floor():
+    floor = rows("random-init", "knn", "-", [30.0, 30.5, 29.5])
+    a = curve("a", {"1e12flop": 31.0, "1e13flop": 40.0})
+    b = curve("b", {"1e12flop": 28.0, "1e13flop": 30.2})  # at the floor: an untrained network 'reaches' it
+    r = check_reaches(frame(a, b, floor), Claim(id="r", kind="reaches", a="a", b="b", evals=("knn",)), "knn")
+    assert r.verdict == NOT_TESTABLE and "does not clear the random-init floor" in r.reason
+
+
+def test_reaches_reports_the_fraction_with_an_interval():
+    floor = rows("random-init", "knn", "-", [30.0, 30.5, 29.5])
+    a = curve("a", {"1e12flop": 32.0, "1e13flop": 42.0, "1e14flop": 50.0})
+    b = curve("b", {"1e13flop": 33.0, "1e14flop": 37.0})
+    c = Claim(id="r", kind="reaches", a="a", b="b", evals=("knn",), paper_fraction=0.33)
+    r = check_reaches(frame(a, b, floor), c, "knn")
+    # a's mean curve crosses 37 at 10^(12 + 5/10) FLOPs = 3.16e12, i.e. 0.0316 of b's 1e14
+    assert "0.0316" in r.interval
+    assert r.verdict == SUPPORTED
+    assert any("outside" in e for e in r.extra)
+
+
+def test_load_claims_rejects_bad_declarations(tmp_path):
+    p = tmp_path / "claims.toml"
+    p.write_text('[[claim]]\nid = "x"\nkind = "wins"\na = "a"\nb = "b"\nevals = ["knn"]\n')
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        load_claims(p)
+    p.write_text('[[claim]]\nid = "x"\nkind = "beats"\na = "a"\nb = "b"\nevals = ["knn"]\nbudgett = "1"\n')
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_claims(p)
+    p.write_text('[[claim]]\nid = "x"\nkind = "beats"\na = "a"\nb = "b"\nevals = ["knn"]\n')
+    with pytest.raises(ConfigError, match="needs 'budget'"):
+        load_claims(p)
+    assert load_claims(tmp_path / "absent.toml") == []
+
+
+def test_claims_markdown_has_every_row_against_the_floor():
+    df = frame(rows("random-init", "knn", "-", [30.0, 30.5, 29.5]), rows("m", "knn", "1e12flop", [40.0, 41.0]))
+    md = "\n".join(claims_markdown(df, [], "d"))
+    assert "| m at 1e12flop | knn | 2 vs 3 |" in md and "cannot tell" in md

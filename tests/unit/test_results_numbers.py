@@ -1,0 +1,75 @@
+"""No number typed by hand: the committed results are what the records give, and a planted number is caught."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from repro.config import ConfigError
+from repro.report import generate
+from repro.report.numbers import check_results, numbers_in, render_notes, unsupported_numbers
+from repro.report.tables import records_frame
+from repro.records import read_all
+from tests.unit.test_report import setup_results
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_results_markdown_carries_only_numbers_the_records_give():
+    """Every committed results directory regenerates byte for byte, and its hand-written notes hold no typed number."""
+    problems = check_results(ROOT / "results")
+    assert problems == []
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    results, _ = setup_results(tmp_path)
+    (results / "NOTES.md").write_text("# Notes\n\nMiCL's kNN is {{cell micl knn 90s}}, the floor's "
+                                      "{{mean random-init knn -}}; {{steps micl 90s}} steps.\n")
+    generate(results)
+    return results
+
+
+def test_a_clean_directory_passes_and_notes_are_rendered(toy: Path):
+    assert check_results(toy) == []
+    readme = (toy / "README.md").read_text()
+    assert "MiCL's kNN is 41.0 ± 1.4 (n=2), the floor's 20.0; 400 steps." in readme
+    assert "{{" not in readme
+
+
+def test_a_number_planted_in_a_generated_table_fails(toy: Path):
+    md = toy / "toy.md"
+    text = md.read_text()
+    planted = re.sub(r"\b41\.00\b", "41.70", text, count=1)
+    assert planted != text
+    md.write_text(planted)
+    problems = check_results(toy)
+    assert any("toy.md: differs" in p for p in problems)
+
+
+def test_a_number_typed_into_the_notes_fails(toy: Path):
+    notes = toy / "NOTES.md"
+    notes.write_text(notes.read_text() + "\nMiCL beats MAE by 98.76 points.\n")
+    generate(toy)  # regenerated: the generated files are consistent; the typed number is still not in any record
+    problems = check_results(toy)
+    assert len(problems) == 1 and "NOTES.md: the number 98.76 is not given by the records" in problems[0]
+
+
+def test_numbers_given_by_a_record_pass_and_names_are_not_numbers(toy: Path):
+    recs, _ = read_all(toy / "records")
+    df = records_frame(recs)
+    # 400 steps and a 90 s budget are record values; CIFAR-10, ViT-B/16 and code are names, not numbers
+    text = "A run of 400 steps on CIFAR-10 with ViT-B/16 (`--budget 123s`) and 90 seconds; [x](a/17.md)"
+    assert numbers_in(text) == ["400", "90"]
+    assert unsupported_numbers(text, df) == []
+    assert unsupported_numbers("a mean of 41.3", df) == ["41.3"]
+
+
+def test_an_unknown_placeholder_is_an_error_naming_the_file(toy: Path):
+    recs, _ = read_all(toy / "records")
+    with pytest.raises(ConfigError, match="NOTES.md: unknown placeholder"):
+        render_notes("{{median micl knn 90s}}", records_frame(recs), "NOTES.md")
+    with pytest.raises(ConfigError, match="no records of micl knn 5m"):
+        render_notes("{{cell micl knn 5m}}", records_frame(recs), "NOTES.md")
