@@ -138,8 +138,8 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
     about = [results_dir / n for n in ABOUT_FILES if (results_dir / n).is_file()]
     head = [render_notes(p.read_text(), df, str(p)).rstrip("\n") + "\n" for p in about]
     if head:
-        index = [*head, f"*The sections above are {', '.join(p.name for p in about)} (NOTES.md is hand-written, its numbers "
-                 "filled from the records; claims.md is generated); what follows is generated.*",
+        index = [*head, f"*The sections above are {', '.join(p.name for p in about)} (NOTES.md is hand-written, its "
+                 "numbers filled from the records; claims.md is generated); what follows is generated.*",
                  "", *index]
     atomic_write_text(index_path, "\n".join(index).rstrip("\n") + "\n")
     written.append(index_path)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,11 @@ from scipy import stats
 
 from repro.budget import BudgetError, parse_budget
 from repro.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 MIN_SEEDS = 3
 """Seeds per arm below which the verdict is always 'cannot tell'."""
@@ -330,8 +335,8 @@ def check_reaches(df: pd.DataFrame, c: Claim, ev: str) -> Result:
         return r
     if w.low <= 0:
         r.verdict = NOT_TESTABLE
-        r.reason = (f"{c.label_b}'s {ev} at its largest budget ({fb:.3g} FLOPs) does not clear the random-init floor by "
-                    "a margin its interval resolves, so 'reaching' it says nothing an untrained network does not")
+        r.reason = (f"{c.label_b}'s {ev} at its largest budget ({fb:.3g} FLOPs) does not clear the random-init floor "
+                    "by a margin its interval resolves, so 'reaching' it says nothing an untrained network does not")
         return r
     flops = list(ca)
     if min(len(v) for v in ca.values()) < MIN_SEEDS:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from repro.config import ConfigError
+from repro.records import read_all
 from repro.report import generate
 from repro.report.numbers import check_results, numbers_in, render_notes, unsupported_numbers
 from repro.report.tables import records_frame
-from repro.records import read_all
 from tests.unit.test_report import setup_results
 
 ROOT = Path(__file__).resolve().parents[2]
