@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from evals.registry import EVALS, eval_settings, normalized
-from repro import distributed
+from repro import distributed, monitor
 from repro.budget import BudgetError, parse_budget
 from repro.checkpoint import (
     CheckpointError,
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ./results)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate tables and plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--log", choices=("none", "tensorboard"), default="none",
-                   help="live monitoring besides metrics.jsonl: tensorboard = RUN_DIR/tensorboard/ (training "
-                        "metrics, then the evaluations); needs pip install -e '.[tensorboard]'")
+    p.add_argument("--log", type=monitor.parse_log, default=(), metavar="none|tensorboard|wandb[,...]",
+                   help="live monitoring besides metrics.jsonl (training metrics, then the evaluations; rank 0): "
+                        "tensorboard = RUN_DIR/tensorboard/ (pip install -e '.[tensorboard]'); wandb = RUN_DIR/wandb/, "
+                        "offline unless WANDB_MODE is set (pip install -e '.[wandb]'); both: tensorboard,wandb")
     p.add_argument("--wait", action="store_true", help="when another command holds a run directory (it is "
                    "training or evaluating it), wait for it instead of exiting with an error")
     return p
@@ -137,7 +138,8 @@ def _main(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--evals: unknown evaluation {bad[0]!r}; choose from {', '.join(EVALS)} or none")
     sets = parse_set_args(args.sets)
-    if args.log == "tensorboard":
+    monitor.select(args.log or ("tensorboard",))  # process state: the config holds only the on/off switch
+    if args.log:
         sets["train.tensorboard"] = "true"
     dense_tasks = [e for e in evals if e in ("ade20k", "coco")]
     idle = [k for k in sets if k.split(".", 1)[0] in METHODS and k.split(".", 1)[0] not in args.methods]

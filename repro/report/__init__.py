@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, results_dir: Path) -> int:
     if args.check:
-        problems = check_results(results_dir)
-        for line in problems:
+        found = check_results(results_dir)
+        for line in found:
             print(f"repro.report: {line}", file=sys.stderr)
-        print(f"repro.report --check: {len(problems)} problem(s) under {results_dir}")
-        return 1 if problems else 0
+        print(f"repro.report --check: {len(found)} problem(s) under {results_dir}")
+        return 1 if found else 0
     _, problems = read_all(results_dir / "records")
     report_problems(problems)
     for p in generate(results_dir, Path(args.runs)):
