@@ -219,3 +219,26 @@ def check_results(root: Path) -> list[str]:
             if nums:
                 problems.append(f"{md}: numbers ({', '.join(nums[:5])}) in a directory without records")
     return problems
+
+
+_README_BLOCK = re.compile(r"<!-- numbers from: ([^>]*?) -->(.*?)<!-- end numbers -->", re.S)
+
+
+def check_readme(readme: Path) -> list[str]:
+    """Numbers in the README's marked blocks (``<!-- numbers from: FILE ... -->`` ... ``<!-- end numbers -->``) must
+    each appear in one of the generated files the block names (which :func:`check_results` ties to the records); a
+    README with numbers in results tables outside such a block is caught by its reviewers, not here."""
+    problems = []
+    text = readme.read_text()
+    for m in _README_BLOCK.finditer(text):
+        sources = [readme.parent / f for f in m.group(1).split()]
+        missing = [str(f) for f in sources if not f.is_file()]
+        if missing:
+            problems.append(f"{readme}: the block cites {', '.join(missing)}, which does not exist")
+            continue
+        given = {t for f in sources for t in NUMBER.findall(f.read_text())}
+        given |= {t.lstrip("+-−") for t in given}
+        for t in numbers_in(m.group(2)):
+            if t not in given and t.lstrip("+-−") not in given:
+                problems.append(f"{readme}: the number {t} is not in {' or '.join(m.group(1).split())}")
+    return problems

@@ -10,7 +10,7 @@ import pytest
 from repro.config import ConfigError
 from repro.records import read_all
 from repro.report import generate
-from repro.report.numbers import check_results, numbers_in, render_notes, unsupported_numbers
+from repro.report.numbers import check_readme, check_results, numbers_in, render_notes, unsupported_numbers
 from repro.report.tables import records_frame
 from tests.unit.test_report import setup_results
 
@@ -73,3 +73,14 @@ def test_an_unknown_placeholder_is_an_error_naming_the_file(toy: Path):
         render_notes("{{median micl knn 90s}}", records_frame(recs), "NOTES.md")
     with pytest.raises(ConfigError, match="no records of micl knn 5m"):
         render_notes("{{cell micl knn 5m}}", records_frame(recs), "NOTES.md")
+
+
+def test_the_readme_results_block_quotes_only_generated_numbers(tmp_path: Path):
+    assert check_readme(ROOT / "README.md") == []
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- numbers from:" in text
+    # the same block with one number changed, against the same generated files
+    planted = tmp_path / "README.md"
+    (tmp_path / "results").symlink_to(ROOT / "results")
+    planted.write_text(text.replace("49.80 ± 0.40", "49.90 ± 0.40", 1))
+    assert [p for p in check_readme(planted) if "49.90" in p]
