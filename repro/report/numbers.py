@@ -15,10 +15,11 @@ the placeholders):
 
 The check (:func:`check_results`, ``python -m repro.report --check``): (1) every file the report generates is what
 the report makes from the records now, byte for byte (a number planted in a generated table, or a stale one, fails);
-(2) in every other markdown file of the directory (hand-written notes; bench tables) each number outside code and
-placeholders must be given directly by a record (a field's value at the precision written, or a number inside a
-record's text) or, for bench tables, by the bench's CSV beside them. A mean, a difference or a ratio typed by hand is
-not in any record, so it fails: it must come from a placeholder or a generated file.
+(2) the bench's tables (``throughput*.md``) are what ``repro.bench`` renders from the CSVs beside them, byte for
+byte; (3) in every other markdown file of the directory (hand-written notes) each number outside code and placeholders
+must be given directly by a record (a field's value at the precision written, or a number inside a record's text). A
+mean, a difference or a ratio typed by hand is not in any record, so it fails: it must come from a placeholder or a
+generated file.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -144,11 +144,6 @@ def _records_of(results_dir: Path) -> pd.DataFrame:
     return pd.DataFrame([r.__dict__ for r in recs])
 
 
-def _csv_values(paths: Iterable[Path]) -> pd.DataFrame:
-    frames = [pd.read_csv(p) for p in paths]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def unsupported_numbers(text: str, records: pd.DataFrame) -> list[str]:
     exact, values = given_numbers(records)
     return [t for t in numbers_in(text) if not _given(t, exact, values)]
@@ -205,12 +200,18 @@ def check_results(root: Path) -> list[str]:
             if md in generated:
                 continue
             text = md.read_text()
-            stem = md.stem
-            bench_csvs = [c for c in d.glob(f"{stem}*.csv")] if stem.startswith("throughput") else []
-            source = _csv_values(bench_csvs) if bench_csvs else records
-            for t in unsupported_numbers(text, source):
-                problems.append(f"{md}: the number {t} is not given by the "
-                                f"{'bench CSV beside it' if bench_csvs else 'records'}: take it from a placeholder or "
+            if md.stem.startswith("throughput"):  # the bench's tables: generated from the CSVs beside them
+                from repro.bench.tables import render_from_csvs
+
+                expected = render_from_csvs(md)
+                if expected is None:
+                    problems.append(f"{md}: a bench table without the CSV it is generated from")
+                elif expected != text:
+                    problems.append(f"{md}: differs from what `python -m repro.bench` generates from the CSVs beside "
+                                    "it (a number typed or changed by hand, or stale)")
+                continue
+            for t in unsupported_numbers(text, records):
+                problems.append(f"{md}: the number {t} is not given by the records: take it from a placeholder or "
                                 "a generated file")
     # markdown outside any results directory's own level (e.g. results/foo/notes.md without records) has no source
     for md in sorted(Path(root).rglob("*.md")):
