@@ -6,6 +6,8 @@
 #   scripts/cifar10_cpu.sh table     # six methods x seeds {0,1} at $F FLOPs, kNN + linear           (~60 min)
 #   scripts/cifar10_cpu.sh curve     # MiCL and MAE at F/9 and F/3, seeds {0,1}                      (~20 min)
 #   scripts/cifar10_cpu.sh finetune  # the table's exports + random-init fine-tuned, FT_SEEDS (0)   (~65 min)
+#   scripts/cifar10_cpu.sh precision # fp32 vs bf16 training at $F: MiCL, MAE x 3 seeds (kNN + linear), the
+#                                    # other four methods x 1 seed (loss, img/s) -> results/cifar10-cpu-precision
 #
 # Data: DATA=/path/to/cifar10 (ImageFolder train/ + test/); by default ../shared/data/cifar10-jpeg.tar.gz is
 # unpacked to /tmp/cifar10. Budgets are FLOPs, so the runs are the same on any machine; only the wall time moves.
@@ -68,6 +70,20 @@ finetune)
     # shellcheck disable=SC2086
     $RUN micl mae mocov3 conmim mimco macrl --budget "$(budget 1)" --seeds ${FT_SEEDS:-0} --evals finetune \
         --set eval.finetune_epochs=${FT_EPOCHS:-1} --data "$DATA" --out "$RUNS/main" --results "$RES"
+    ;;
+precision)
+    # issue 30: does bf16 autocast on a native-bf16 CPU change what training reaches? The evaluations read both arms'
+    # exports the same way (eval.feature_precision=auto), so the arms differ in training precision only.
+    PRES=${PRES:-results/cifar10-cpu-precision}
+    for p in fp32 bf16; do
+        $RUN micl mae --budget "$(budget 1)" --seeds 0 1 2 --evals knn,linear --set train.precision=$p \
+            --data "$DATA" --out "$RUNS/precision" --results "$PRES" --no-report
+    done
+    for p in fp32 bf16; do
+        $RUN mocov3 conmim mimco macrl --budget "$(budget 1)" --seeds 0 --evals none --set train.precision=$p \
+            --data "$DATA" --out "$RUNS/precision" --results "$PRES" --no-report
+    done
+    $PY -m repro.report --results "$PRES" --runs "$RUNS/precision"
     ;;
 curve)
     for f in 0.3333 0.1111; do   # with F itself (the table): a factor of 9 from the smallest to the largest

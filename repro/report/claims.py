@@ -8,6 +8,9 @@ Kinds of claim (``kind`` in a ``[[claim]]`` table):
 - ``beats`` — ``a`` has a higher mean than ``b`` on each of ``evals`` at ``budget`` (``b = "random-init"``: the
   floor, whatever the budget). The interval is Welch's t on the difference of the seed means (unequal variances,
   Welch-Satterthwaite degrees of freedom, stated).
+- ``matches`` — ``a`` and ``b`` (e.g. one method trained in bf16 and in fp32: ``a_precision``/``b_precision``) reach
+  the same accuracy: *supported* when the whole Welch interval lies within ±``margin`` points, *contradicted* when it
+  excludes zero (a difference the seeds resolve), *cannot tell* otherwise.
 - ``reaches`` — ``a`` reaches ``b``'s accuracy at ``b``'s largest measured budget at a fraction of ``b``'s compute
   (FLOP budgets). Computed only where that target clears the floor by a margin its own interval resolves; the
   fraction is read off ``a``'s curve of seed means (log-linear between measured budgets) and its 95% interval comes
@@ -45,7 +48,7 @@ MIN_SEEDS = 3
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 4000
 FLOOR = "random-init"
-KINDS = ("beats", "reaches")
+KINDS = ("beats", "reaches", "matches")
 
 SUPPORTED, CONTRADICTED, CANNOT_TELL, NOT_TESTABLE = ("supported", "contradicted", "cannot tell",
                                                       "not testable at this scale")
@@ -70,6 +73,12 @@ class Claim:
     a_label: str = ""
     """Display names (default: the method names)."""
     b_label: str = ""
+    a_precision: str = ""
+    """Only ``a``'s records of this training precision ('fp32' / 'bf16'; '' = any, and mixed precisions are then not
+    compared)."""
+    b_precision: str = ""
+    margin: float = 0.0
+    """``matches``: the largest difference (points) that still counts as the same accuracy."""
     min_steps: int = 0
     """Premise: every seed of each trained arm ran at least this many optimizer steps."""
     min_teacher_steps: int = 0
@@ -108,8 +117,10 @@ def load_claims(path: Path) -> list[Claim]:
                 raise ConfigError(f"{where}: missing '{k}'")
         if c["kind"] not in KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {c['kind']!r}")
-        if c["kind"] == "beats" and c["b"] != FLOOR and not c.get("budget"):
-            raise ConfigError(f"{where}: a 'beats' claim between two methods needs 'budget'")
+        if c["kind"] in ("beats", "matches") and c["b"] != FLOOR and not c.get("budget"):
+            raise ConfigError(f"{where}: a '{c['kind']}' claim between two arms needs 'budget'")
+        if c["kind"] == "matches" and not c.get("margin", 0) > 0:
+            raise ConfigError(f"{where}: a 'matches' claim needs a positive 'margin' (points)")
         out.append(Claim(**{**c, "evals": tuple(c["evals"])}))
     ids = [c.id for c in out]
     if len(set(ids)) != len(ids):
@@ -188,11 +199,15 @@ def budget_flops(budget: str) -> float:
     return b.amount if b.kind == "flop" else math.nan
 
 
-def arm(df: pd.DataFrame, method: str, ev: str, metric: str, budget: str | None, label: str) -> Arm:
-    """The seed values of ``method`` on ``ev``/``metric`` (at ``budget``; the floor has none)."""
+def arm(df: pd.DataFrame, method: str, ev: str, metric: str, budget: str | None, label: str,
+        precision: str = "") -> Arm:
+    """The seed values of ``method`` on ``ev``/``metric`` (at ``budget``; the floor has none), of one training
+    ``precision`` when given."""
     sel = df[(df["method"] == method) & (df["eval"] == ev) & (df["metric"] == metric)]
     if budget is not None and method != FLOOR:
         sel = sel[sel["budget"] == budget]
+    if precision and "precision" in sel:
+        sel = sel[sel["precision"] == precision]
     sel = sel.sort_values("seed")
     return Arm(label, tuple(float(v) for v in sel["value"]), tuple(int(s) for s in sel["seed"]))
 
@@ -222,10 +237,15 @@ def unmet_premises(df: pd.DataFrame, c: Claim, budget: str) -> list[str]:
     return out
 
 
-def mixed_settings(df: pd.DataFrame, methods: tuple[str, ...], ev: str) -> str:
-    """Why two arms' records of ``ev`` cannot be compared (different evaluation settings or precisions), or ''."""
+def mixed_settings(df: pd.DataFrame, methods: tuple[str, ...], ev: str, precisions: tuple[str, ...] = ()) -> str:
+    """Why arms' records of ``ev`` cannot be compared (different evaluation settings; different training precisions
+    unless the claim chose them), or ''. The floor was never trained: its precision does not count."""
     sel = df[df["method"].isin(methods) & (df["eval"] == ev)]
-    for col, what in (("eval_key", "evaluation settings"), ("precision", "precisions")):
+    for col, what in (("eval_key", "evaluation settings"), ("precision", "training precisions")):
+        if col == "precision":
+            if any(precisions):
+                continue
+            sel = sel[sel["method"] != FLOOR]
         if col in sel:
             vals = set(sel[col].fillna("")) - {""}
             if len(vals) > 1:
@@ -257,14 +277,14 @@ class Result:
 
 def check_beats(df: pd.DataFrame, c: Claim, ev: str) -> Result:
     budget = c.budget
-    a = arm(df, c.a, ev, c.metric, budget, c.label_a)
-    b = arm(df, c.b, ev, c.metric, budget, c.label_b)
+    a = arm(df, c.a, ev, c.metric, budget, c.label_a, c.a_precision)
+    b = arm(df, c.b, ev, c.metric, budget, c.label_b, c.b_precision)
     r = Result(c, ev, CANNOT_TELL, a, b)
     if not a.values or not b.values:
         r.verdict, r.reason = CANNOT_TELL, "no records for " + " and ".join(
             x.label for x in (a, b) if not x.values)
         return r
-    mixed = mixed_settings(df, (c.a, c.b), ev)
+    mixed = mixed_settings(df, (c.a, c.b), ev, (c.a_precision, c.b_precision))
     if mixed:
         r.verdict, r.reason = NOT_TESTABLE, mixed
         return r
@@ -281,6 +301,11 @@ def check_beats(df: pd.DataFrame, c: Claim, ev: str) -> Result:
                   f"df {w.df:.1f})" if math.isfinite(w.df) else
                   f"difference {w.diff:+.2f}, zero spread in both arms")
     r.verdict = verdict_from_interval(w.low, w.high, a.n, b.n)
+    if c.kind == "matches" and min(a.n, b.n) >= MIN_SEEDS:
+        # equivalence: the whole interval within the margin; a difference the interval resolves contradicts it
+        r.verdict = (SUPPORTED if -c.margin <= w.low and w.high <= c.margin else
+                     CONTRADICTED if w.low > 0 or w.high < 0 else CANNOT_TELL)
+        r.interval += f"; margin ±{c.margin:g}"
     if min(a.n, b.n) < MIN_SEEDS:
         r.reason = f"n = {a.n} vs {b.n}: a verdict needs ≥ {MIN_SEEDS} seeds per arm"
     return r
@@ -377,17 +402,19 @@ def floor_checks(df: pd.DataFrame) -> list[Result]:
     out = []
     evs = [e for e in df["eval"].unique() if e not in ("pretrain", "finetune")]
     trained = df[(df["eval"] == "pretrain") & (df["method"] != FLOOR)]
-    for (method, budget), _ in trained.groupby(["method", "budget"], sort=False):
+    if "precision" not in trained:
+        trained = trained.assign(precision="")
+    for (method, budget, precision), _ in trained.groupby(["method", "budget", "precision"], sort=False):
         for ev in sorted(evs):
             c = Claim(id=f"{method}@{budget}", kind="beats", a=method, b=FLOOR, evals=(ev,), budget=str(budget),
-                      a_label=f"{method} at {budget}")
-            if arm(df, method, ev, "top1", str(budget), method).values:
+                      a_label=f"{method} at {budget}" + (f" ({precision})" if precision else ""), a_precision=precision)
+            if arm(df, method, ev, "top1", str(budget), method, precision).values:
                 out.append(check_beats(df, c, ev))
     return out
 
 
 def evaluate_claim(df: pd.DataFrame, c: Claim) -> list[Result]:
-    check = check_beats if c.kind == "beats" else check_reaches
+    check = check_reaches if c.kind == "reaches" else check_beats
     return [check(df, c, ev) for ev in c.evals]
 
 
@@ -401,8 +428,11 @@ def claims_markdown(df: pd.DataFrame, claims: list[Claim], dataset: str) -> list
              ""]
     for c in claims:
         head = f"- **{c.id}**" + (f" ({c.source})" if c.source else "") + (f": {c.says}" if c.says else "")
-        what = (f"{c.label_a} vs {c.label_b}" + (f" at {c.budget}" if c.budget and c.b != FLOOR else "")
-                if c.kind == "beats" else f"{c.label_a} reaches {c.label_b}'s accuracy at {c.label_b}'s largest budget")
+        if c.kind == "reaches":
+            what = f"{c.label_a} reaches {c.label_b}'s accuracy at {c.label_b}'s largest budget"
+        else:
+            what = (f"{c.label_a} {'vs' if c.kind == 'beats' else 'matches'} {c.label_b}"
+                    + (f" at {c.budget}" if c.budget and c.b != FLOOR else ""))
         lines.append(f"{head} — tested as: {what} ({c.metric}).")
         lines += [r.line() for r in evaluate_claim(df, c)]
     floor = floor_checks(df)

@@ -7,7 +7,9 @@ import pandas as pd
 from repro.budget import BudgetError, parse_budget
 from repro.records import DATA_BOUND_SHARE, ResultRecord
 
-KEY = ["dataset", "method", "model", "budget", "eval", "metric", "seed"]
+KEY = ["dataset", "method", "model", "budget", "precision", "eval", "metric", "seed"]
+"""One measured cell. ``precision`` is the training precision ('' in records older than it): a bf16 run and an fp32 run
+of the same method and budget are different rows, never averaged together."""
 EVAL_ORDER = ["knn", "linear", "finetune", "ade20k", "coco"]
 METRIC_ORDER = ["top1", "top5", "mIoU", "mAcc", "box_AP", "mask_AP"]
 
@@ -22,6 +24,7 @@ def records_frame(records: list[ResultRecord]) -> pd.DataFrame:
     if not records:
         return pd.DataFrame(columns=[*KEY, "value", "status", "time"])
     df = pd.DataFrame([r.__dict__ for r in records])
+    df["precision"] = df["precision"].fillna("") if "precision" in df else ""
     df = df[df["status"] == "ok"]
     # latest measurement of each key wins (re-runs append; nothing is rewritten)
     df = df.sort_values("time", kind="stable").drop_duplicates(KEY, keep="last")
@@ -90,11 +93,16 @@ def data_bound(pre: pd.DataFrame) -> list[str]:
 def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     """One dataset's rows -> the comparison table (strings, ready to print); ``note`` holds pre-training notes."""
     rows = []
-    groups = df.groupby(["method", "model", "budget"], sort=False)
+    precisions = "precision" in df and bool((df["precision"].fillna("") != "").any())
+    groups = df.groupby(["method", "model", "budget", "precision"] if precisions else ["method", "model", "budget"],
+                        sort=False)
     cols = eval_columns(df)
-    for (method, model, budget), g in groups:
+    for key, g in groups:
+        method, model, budget = key[:3]
         pre = g[g["eval"] == "pretrain"]
         row = {"method": method, "model": model, "budget": budget}
+        if precisions:  # a column only where some record names its training precision (tables stay as they were)
+            row["precision"] = key[3] or "-"
         seeds = len(set(g["seed"]))
         row["seeds"] = seeds
         if not pre.empty:

@@ -37,7 +37,9 @@ def rows(method: str, ev: str, budget: str, values: list[float], steps: int = 50
 
 
 def frame(*parts: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([r for p in parts for r in p]).drop_duplicates(["method", "eval", "metric", "budget", "seed"])
+    df = pd.DataFrame([r for p in parts for r in p])
+    key = ["method", "eval", "metric", "budget", "seed"] + (["precision"] if "precision" in df else [])
+    return df.drop_duplicates(key)
 
 
 def test_welch_interval_matches_scipy():
@@ -135,3 +137,38 @@ def test_claims_markdown_has_every_row_against_the_floor():
     df = frame(rows("random-init", "knn", "-", [30.0, 30.5, 29.5]), rows("m", "knn", "1e12flop", [40.0, 41.0]))
     md = "\n".join(claims_markdown(df, [], "d"))
     assert "| m at 1e12flop | knn | 2 vs 3 |" in md and "cannot tell" in md
+
+
+def with_precision(parts: list[dict], precision: str) -> list[dict]:
+    return [dict(r, precision=precision) for r in parts]
+
+
+def test_matches_is_an_equivalence_test_between_precisions():
+    fp32 = with_precision(rows("m", "knn", "1e12flop", [40.0, 40.4, 39.8, 40.2]), "fp32")
+    near = with_precision(rows("m", "knn", "1e12flop", [40.1, 40.3, 39.9, 40.0]), "bf16")
+    c = Claim(id="p", kind="matches", a="m", b="m", evals=("knn",), budget="1e12flop", a_precision="bf16",
+              b_precision="fp32", margin=1.0)
+    r = check_beats(frame(fp32, near), c, "knn")
+    assert r.verdict == SUPPORTED and "margin ±1" in r.interval
+    far = with_precision(rows("m", "knn", "1e12flop", [35.0, 35.2, 34.9, 35.1]), "bf16")
+    assert check_beats(frame(fp32, far), c, "knn").verdict == CONTRADICTED
+    # without choosing a precision, mixed precisions are not compared
+    mixed = Claim(id="q", kind="beats", a="m", b="random-init", evals=("knn",), budget="1e12flop")
+    floor = rows("random-init", "knn", "-", [30.0, 30.5, 29.5])
+    assert check_beats(frame(fp32, far, floor), mixed, "knn").verdict == NOT_TESTABLE
+
+
+def test_floor_checks_and_tables_keep_precisions_apart():
+    from repro.report.tables import dataset_table
+
+    fp32 = with_precision(rows("m", "knn", "1e12flop", [40.0, 40.4, 39.8]), "fp32")
+    bf16 = with_precision(rows("m", "knn", "1e12flop", [35.0, 35.2, 34.9]), "bf16")
+    floor = with_precision(rows("random-init", "knn", "-", [30.0, 30.5, 29.5]), "")
+    df = frame(fp32, bf16, floor)
+    md = "\n".join(claims_markdown(df, [], "d"))
+    assert "| m at 1e12flop (fp32) | knn | 3 vs 3 |" in md and "| m at 1e12flop (bf16) | knn | 3 vs 3 |" in md
+    df["model"], df["dataset"] = "vit", "d"
+    for col in ("epochs", "pretrain_seconds", "images_per_second", "device_hours"):
+        df[col] = 1.0
+    table = dataset_table(df)
+    assert sorted(table[table["method"] == "m"]["precision"]) == ["bf16", "fp32"]
