@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evals.features import EvalContext, FeatureSettings, make_record, subset_note
+from evals.features import EvalContext, FeatureSettings, make_record, precision_note, subset_note
 from repro.config import ConfigError
 from repro.records import ResultRecord
 
@@ -56,7 +56,8 @@ def run(ctx: EvalContext, export_dir: Path, s: Settings) -> list[ResultRecord]:
     f, meta = ctx.features(export_dir, s)
     pred = knn_predict(f.train_x, f.train_y, f.test_x, f.num_classes, s.knn_k, s.knn_temperature)
     acc = (pred == f.test_y).float().mean().item() * 100
-    rule = f"k={s.knn_k}, T={s.knn_temperature} fixed (DINO protocol); nothing selected" + subset_note(ctx, s)
+    rule = (f"k={s.knn_k}, T={s.knn_temperature} fixed (DINO protocol); nothing selected" + subset_note(ctx, s)
+            + precision_note(f))
     return [make_record(ctx, meta, "knn", "top1", acc, rule, time.perf_counter() - t0)]
 
 

@@ -4,9 +4,15 @@ Frozen encoder -> cls feature -> BatchNorm1d(affine=False, eps=1e-6) -> Linear (
 bias 0); LARS (momentum 0.9, trust ratio on weight matrices only, weight decay 0), lr = base_lr x batch / 256,
 10 warmup epochs then cosine over 90 epochs (MAE ``main_linprobe.py``).
 
-Selection: every base lr in ``eval.linear_base_lrs`` is trained at once (one head each, one shared BN) on
-train minus a held-out slice; the lr with the best held-out accuracy is then retrained on the whole train
-split and reported on the test split at its last epoch. The test split never chooses anything.
+Selection: the base lr is chosen on a held-out ``eval.linear_holdout`` (5,000) of the training images
+(:func:`holdout_size` caps it for small training sets), the probes training on the rest. Every base lr of
+``eval.linear_base_lrs`` is trained in one pass (one head each, one shared BN; each head is exactly the probe a
+run with that lr alone would train: same init, same batches, and a BN without affine is input-only). When the
+best held-out accuracy sits on an edge of the grid the grid is widened on that side by its own ratio, one lr at a
+time, at most ``eval.linear_widenings`` times (only the new head is trained: it equals the head the first pass
+would have trained). The chosen lr is then retrained on the whole train split and reported on the test split at
+its last epoch. The test split never chooses anything. The record's ``selection`` states the final grid, any
+widening, the held-out accuracy of every lr and the precision of the features.
 
 Deviation from MAE's protocol: features are extracted once from centre-cropped images and cached, so the
 probe sees no RandomResizedCrop/flip augmentation (MAE augments every epoch). Cheap enough to sweep lrs;
@@ -15,17 +21,18 @@ stated in every record's ``selection`` field.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import Tensor, nn
 
-from evals.features import EvalContext, FeatureSettings, make_record, subset_note
+from evals.features import EvalContext, FeatureSettings, make_record, precision_note, subset_note
 from repro.config import ConfigError
 from repro.records import ResultRecord
 from repro.schedules import cosine_after_warmup
@@ -42,51 +49,91 @@ class Settings(FeatureSettings):
     linear_batch_size: int = 16384
     """Linear-probe batch (MAE protocol: 16384); capped at the training-set size."""
     linear_base_lrs: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2, 0.4)
-    """Base learning rates swept (x batch/256); MAE's default is 0.1."""
-    holdout_fraction: float = 0.1
-    """Slice of train held out to select the linear-probe learning rate."""
+    """Base learning rates swept (x batch/256), ascending; MAE's default is 0.1. Widened on an edge the choice
+    sits on (``eval.linear_widenings``)."""
+    linear_holdout: int = 5000
+    """Training images held out to choose the base lr: min(linear_holdout, n // 5) of the n probe-training images
+    (``eval.train_subset`` or the whole split), so small sets (the 5k built-in images: 1000) keep 80% to fit on."""
+    linear_widenings: int = 3
+    """How many times the lr grid may be extended (by its own end ratio) on the side where the chosen lr sits on
+    its edge; 0 = never."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.holdout_fraction < 0.5:
-            raise ConfigError("eval.holdout_fraction must be in (0, 0.5)")
-        if not self.linear_base_lrs:
+        lrs = self.linear_base_lrs
+        if not lrs:
             raise ConfigError("eval.linear_base_lrs must not be empty")
+        if any(lr <= 0 for lr in lrs) or any(a >= b for a, b in zip(lrs, lrs[1:], strict=False)):
+            raise ConfigError("eval.linear_base_lrs must be positive and strictly ascending")
+        if self.linear_holdout < 1 or self.linear_widenings < 0:
+            raise ConfigError("eval.linear_holdout must be >= 1 and eval.linear_widenings >= 0")
         if self.linear_epochs < 1 or self.linear_batch_size < 1 or self.linear_warmup_epochs < 0:
             raise ConfigError("eval.linear_epochs and eval.linear_batch_size must be positive, "
                               "eval.linear_warmup_epochs >= 0")
 
 
 class ProbeHeads(nn.Module):
-    """One BatchNorm (no affine) shared by ``n`` linear heads, one per learning rate."""
+    """One BatchNorm (no affine) shared by ``n`` linear heads, one per learning rate, all starting from the same
+    weights (MAE's init drawn once from ``seed``): head i is the probe a run with lr i alone would start from."""
 
-    def __init__(self, dim: int, num_classes: int, n: int) -> None:
+    def __init__(self, dim: int, num_classes: int, n: int, seed: int = 0) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n))
-        for h in self.heads:
-            assert isinstance(h, nn.Linear)
-            trunc_normal_(h.weight, std=0.01)
-            nn.init.zeros_(h.bias)
+        w0 = torch.empty(num_classes, dim)
+        # MAE: timm trunc_normal_(std=0.01), whose bounds (+-2) are absolute: at std 0.01 a plain normal in effect
+        nn.init.trunc_normal_(w0, std=0.01, a=-2.0, b=2.0, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            for h in self.heads:
+                assert isinstance(h, nn.Linear)
+                h.weight.copy_(w0)
+                h.bias.zero_()
 
     def forward(self, x: Tensor) -> list[Tensor]:
         z = self.bn(x)
         return [h(z) for h in self.heads]
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on a CPU while the probe trains: its ops are tiny (a 256 x 192 by 192 x 10 matmul), so
+    a second thread buys nothing and costs a barrier per op, which on shared, oversubscribed cores made the probe
+    8-12x slower (measured: 5 epochs on 8k features took 14-45 s with 2 threads, 1.8-3.5 s with 1)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_probes(x: Tensor, y: Tensor, num_classes: int, base_lrs: tuple[float, ...], cfg: Settings,
                  seed: int) -> ProbeHeads:
-    """Train one head per base lr for ``cfg.linear_epochs`` epochs over the rows of (x, y)."""
+    """Train one head per base lr for ``cfg.linear_epochs`` epochs over the rows of (x, y) (:func:`_fit`)."""
+    with _one_cpu_thread(x.device):
+        return _fit(x, y, num_classes, base_lrs, cfg, seed)
+
+
+def _fit(x: Tensor, y: Tensor, num_classes: int, base_lrs: tuple[float, ...], cfg: Settings,
+         seed: int) -> ProbeHeads:
+    """Train one head per base lr for ``cfg.linear_epochs`` epochs over the rows of (x, y).
+
+    Heads are independent: each has its own loss term, its own LARS parameter groups (the trust ratio is per
+    tensor), and they share only the batches (one generator per call, seeded with ``seed``) and a BN that has no
+    parameters, so head i is bit for bit what ``train_probes(x, y, C, (base_lrs[i],), cfg, seed)`` trains."""
     n = x.shape[0]
     batch = min(cfg.linear_batch_size, n)
     steps_per_epoch = max(1, n // batch)
     total = cfg.linear_epochs * steps_per_epoch
     warmup = cfg.linear_warmup_epochs * steps_per_epoch
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    probes = ProbeHeads(x.shape[1], num_classes, len(base_lrs)).to(x.device)
+    probes = ProbeHeads(x.shape[1], num_classes, len(base_lrs), seed).to(x.device)
     groups = []
     for head, blr in zip(probes.heads, base_lrs, strict=True):
+        assert isinstance(head, nn.Linear)
         peak = blr * batch / 256
         # MAE's LARS adapts only matrices (p.ndim > 1); timm's Lars adapts a group when always_adapt is set
         groups.append({"params": [head.weight], "peak": peak, "always_adapt": True})
@@ -115,27 +162,88 @@ def accuracies(probes: ProbeHeads, x: Tensor, y: Tensor) -> list[float]:
     return [(lg.argmax(1) == y).float().mean().item() * 100 for lg in probes(x)]
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+def holdout_size(n: int, cap: int) -> int:
+    """Images held out of ``n`` to choose the lr: ``min(cap, n // 5)``, at least 1. The cap (``eval.linear_holdout``,
+    5,000) is the size of the choice's test; ``n // 5`` keeps 80% of a small set to fit on (a probe fitted on
+    much less than the final one would favour larger lrs: LARS travel grows with steps)."""
+    if n < 2:
+        raise ValueError(f"a linear probe needs at least 2 training images to hold one out, got {n}")
+    return max(1, min(cap, n // 5))
+
+
+def holdout_split(n: int, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit, held-out) indices: a random ``k`` of ``n`` held out, fixed by ``seed``."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
-    k = max(1, int(round(n * fraction)))
     return perm[k:], perm[:k]
+
+
+@dataclass
+class Selection:
+    """The outcome of the lr choice: the chosen base lr, the final (possibly widened) grid, every lr's held-out
+    accuracy and the lrs added by widening, in order."""
+
+    lr: float
+    grid: list[float]
+    val_acc: dict[float, float]
+    widened: list[float]
+
+
+def _edge_extension(grid: list[float], best: float) -> float | None:
+    """The next lr beyond the edge ``best`` sits on, by the grid's own ratio on that side (None: not on an edge,
+    or a one-lr grid, which has no ratio)."""
+    if len(grid) < 2:
+        return None
+    if best == grid[0]:
+        return float(f"{grid[0] * grid[0] / grid[1]:.6g}")
+    if best == grid[-1]:
+        return float(f"{grid[-1] * grid[-1] / grid[-2]:.6g}")
+    return None
+
+
+def select_lr(x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, num_classes: int, cfg: Settings,
+              seed: int) -> Selection:
+    """Choose the base lr by held-out accuracy (ties: the smaller lr), widening the grid when the choice sits on
+    its edge (:data:`Settings.linear_widenings`)."""
+    grid = list(cfg.linear_base_lrs)
+    val_acc = dict(zip(grid, accuracies(train_probes(x, y, num_classes, tuple(grid), cfg, seed), xv, yv),
+                       strict=True))
+    widened: list[float] = []
+    while len(widened) < cfg.linear_widenings:
+        new = _edge_extension(grid, max(grid, key=lambda lr: val_acc[lr]))
+        if new is None:
+            break
+        val_acc[new] = accuracies(train_probes(x, y, num_classes, (new,), cfg, seed), xv, yv)[0]
+        grid = sorted([*grid, new])
+        widened.append(new)
+    return Selection(max(grid, key=lambda lr: val_acc[lr]), grid, val_acc, widened)
+
+
+def selection_text(sel: Selection, cfg: Settings, k: int, n: int) -> str:
+    """How the lr was chosen, for the record's ``selection`` field."""
+    accs = ", ".join(f"{lr:g}: {sel.val_acc[lr]:.2f}" for lr in sel.grid)
+    text = f"base_lr {sel.lr:g} chosen from {[float(f'{lr:g}') for lr in sel.grid]}"
+    if sel.widened:
+        text += (f" (grid {list(cfg.linear_base_lrs)} widened {len(sel.widened)}x at its edge: "
+                 f"{', '.join(f'{lr:g}' for lr in sel.widened)})")
+    if _edge_extension(sel.grid, sel.lr) is not None:
+        text += " (still on the grid's edge)"
+    return (text + f" on a held-out {k} of the {n} training images (held-out top1 per lr: {accs}); retrained on "
+            "all train, last epoch; cached centre-crop features (no probe augmentation)")
 
 
 def run(ctx: EvalContext, export_dir: Path, cfg: Settings) -> list[ResultRecord]:
     t0 = time.perf_counter()
     f, meta = ctx.features(export_dir, cfg)
-    fit_idx, val_idx = holdout_split(f.train_x.shape[0], cfg.holdout_fraction, ctx.seed)
+    n = f.train_x.shape[0]
+    k = holdout_size(n, cfg.linear_holdout)
+    fit_idx, val_idx = holdout_split(n, k, ctx.seed)
     dev = f.train_x.device
     fit_idx, val_idx = fit_idx.to(dev), val_idx.to(dev)
-    sweep = train_probes(f.train_x[fit_idx], f.train_y[fit_idx], f.num_classes, cfg.linear_base_lrs, cfg, ctx.seed)
-    val_acc = accuracies(sweep, f.train_x[val_idx], f.train_y[val_idx])
-    best = max(range(len(val_acc)), key=lambda i: val_acc[i])
-    blr = cfg.linear_base_lrs[best]
-    final = train_probes(f.train_x, f.train_y, f.num_classes, (blr,), cfg, ctx.seed)
+    sel = select_lr(f.train_x[fit_idx], f.train_y[fit_idx], f.train_x[val_idx], f.train_y[val_idx], f.num_classes,
+                    cfg, ctx.seed)
+    final = train_probes(f.train_x, f.train_y, f.num_classes, (sel.lr,), cfg, ctx.seed)
     test_acc = accuracies(final, f.test_x, f.test_y)[0]
-    rule = (f"base_lr {blr} chosen from {list(cfg.linear_base_lrs)} on a {cfg.holdout_fraction:.0%} held-out slice "
-            f"of train (held-out top1 {val_acc[best]:.2f}); retrained on all train, last epoch; cached "
-            "centre-crop features (no probe augmentation)" + subset_note(ctx, cfg))
+    rule = selection_text(sel, cfg, k, n) + subset_note(ctx, cfg) + precision_note(f)
     return [make_record(ctx, meta, "linear", "top1", test_acc, rule, time.perf_counter() - t0)]
 
 

@@ -3,7 +3,9 @@ a run's raw values (:class:`repro.config.EvalValues`) into those dataclasses, st
 
 A field's name is its key (``eval.<field>``); a field two evaluations share (``train_subset`` for kNN and the
 linear probe) takes one value for both. Fields marked :data:`UNKEYED` do not change an evaluation's numbers (the
-batch size of a frozen forward pass) and stay out of its done-marker key.
+batch size of a frozen forward pass) and stay out of its done-marker key. A field whose effect depends on the
+machine (``feature_precision``: ``auto`` is bf16 on some CPUs, fp32 on others) names a function instead, which
+turns the value and the device into what is keyed (or None: nothing).
 """
 
 from __future__ import annotations
@@ -19,9 +21,23 @@ UNKEYED = {"keyed": False}
 """``field(metadata=UNKEYED)``: the value does not change the evaluation's numbers."""
 
 
-def keyed(settings: Any) -> dict[str, Any]:
-    """The settings an evaluation's numbers depend on (they key its done-marker and are stored with its records)."""
-    return {f.name: getattr(settings, f.name) for f in fields(settings) if f.metadata.get("keyed", True)}
+def keyed(settings: Any, device: Any = None) -> dict[str, Any]:
+    """The settings an evaluation's numbers depend on (they key its done-marker and are stored with its records).
+
+    ``field(metadata={"keyed": rule})`` with a callable ``rule(value, device)`` keys what the value means on
+    ``device`` (a ``torch.device``; None = CPU) and leaves the field out where ``rule`` returns None."""
+    out = {}
+    for f in fields(settings):
+        rule = f.metadata.get("keyed", True)
+        value = getattr(settings, f.name)
+        if callable(rule):
+            value = rule(value, device)
+            if value is None:
+                continue
+        elif not rule:
+            continue
+        out[f.name] = value
+    return out
 
 
 def build(types: Mapping[str, type], values: Mapping[str, Any]) -> dict[str, Any]:

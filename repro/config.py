@@ -12,6 +12,7 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Union
 
@@ -82,6 +83,10 @@ class DataConfig:
             raise ConfigError("data.builtin_train and data.builtin_test must be positive")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Values of ``train.precision`` (``repro.precision.PRECISIONS``; repeated so this module needs no torch)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     batch_size: int | None = None
@@ -102,8 +107,10 @@ class TrainConfig:
     """Steps between metric lines (the only host syncs of the loop)."""
     ckpt_every_s: float = 600.0
     """Seconds between periodic checkpoints (one is always written at the end)."""
-    amp: bool = True
-    """bf16 autocast on CUDA (CPU always runs fp32)."""
+    precision: str = "auto"
+    """'auto', 'fp32' or 'bf16' (autocast; losses keep fp32 logits). 'auto' is bf16 on CUDA and fp32 on CPU; on a
+    CPU with native bf16 it becomes bf16 once ``repro.precision.CPU_AUTO_BF16`` is on. Replaces ``train.amp``
+    (``amp=false`` is ``precision=fp32``, ``amp=true`` is ``auto``; the old key is still accepted by ``--set``)."""
     compile: bool = False
     """Wrap the method in torch.compile."""
     device: str = "auto"
@@ -123,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto|cpu|cuda, got {self.device!r}")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,19 +184,54 @@ class RunConfig:
             d[name] = self.eval.as_dict() if name == "eval" else _asdict(getattr(self, name))
         return d
 
+    def train_device(self) -> str:
+        """The device type ``train.device`` gives on this machine ('auto': CUDA when available), as
+        ``repro.distributed.init`` picks it."""
+        if self.train.device != "auto":
+            return self.train.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_precision(self, device_type: str | None = None) -> str:
+        """``train.precision`` resolved to 'fp32' or 'bf16' on ``device_type`` (default: :meth:`train_device`)."""
+        import torch
+
+        from repro.precision import resolve_precision
+
+        return resolve_precision(self.train.precision, torch.device(device_type or self.train_device()))
+
     def config_hash(self) -> str:
-        """Hash of everything that changes the numbers (not logging/checkpoint cadence or worker count)."""
+        """Hash of everything that changes the numbers (not logging/checkpoint cadence or worker count): of
+        :meth:`hash_inputs`."""
+        blob = json.dumps(self.hash_inputs(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def hash_inputs(self) -> dict[str, Any]:
+        """What :meth:`config_hash` hashes: :meth:`to_dict` less what does not change the numbers.
+
+        The precision enters as the run will *resolve* it on this machine (``auto`` is not a precision), in the form
+        that keeps every hash from before ``train.precision``: those held ``train.amp`` (true unless a run turned
+        autocast off, which only changed CUDA runs). So fp32 on CPU and bf16 on CUDA hash as ``amp: true`` (as
+        before), fp32 on CUDA as ``amp: false`` (as ``train.amp=false`` did), and only bf16 on CPU, which did not
+        exist, adds ``precision: bf16``: a bf16 CPU run never shares a run directory with an fp32 one. (A CPU run that
+        set ``train.amp=false``, fp32 like every CPU run, now shares the default's hash.)
+        """
         d = self.to_dict()
         for noise in ("log_every", "ckpt_every_s", "device", "tensorboard"):
             d["train"].pop(noise, None)
+        d["train"].pop("precision", None)
+        dev, precision = self.train_device(), self.resolved_precision()
+        d["train"]["amp"] = not (dev == "cuda" and precision == "fp32")
+        if dev != "cuda" and precision == "bf16":
+            d["train"]["precision"] = "bf16"
         d["data"].pop("num_workers", None)
         if d["data"].get("decode") == "fast" or d["data"].get("path") is None:
             d["data"].pop("decode", None)  # the default (and irrelevant to built-in data): hashes of older runs hold
         d.pop("eval", None)  # evals are keyed separately; the pretraining run is the same
         if d["data"].get("path") is None:  # a new built-in generator is new data: runs of the old one do not resume
             d["data"]["builtin_version"] = BUILTIN_DATA_VERSION
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        return d
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -280,6 +324,10 @@ def _replace_field(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Apply dotted ``key -> value`` overrides strictly (unknown keys and bad types raise ConfigError)."""
     for key, value in overrides.items():
+        if key == "train.amp":  # the key train.precision replaced: amp on = auto (bf16 on CUDA), off = fp32
+            key, value = "train.precision", "auto" if coerce(value, bool, key) else "fp32"
+            warnings.warn("train.amp is deprecated: use train.precision=auto|fp32|bf16", DeprecationWarning,
+                          stacklevel=2)
         parts = key.split(".")
         if parts[0] == "method":
             if len(parts) < 2:

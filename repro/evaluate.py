@@ -42,10 +42,10 @@ def evaluate(export_dir: Path, evals: list[str], ctx, records_path: Path, tensor
 
 def eval_key(name: str, ctx) -> str:
     """What an evaluation's numbers depend on besides the export (whose seed it shares): its own settings
-    (the keyed fields of ``ctx.settings[name]``) and the data (name, test split, split sizes). It names the
-    done-marker and is stored in each record, so the tables can tell when the seeds of one cell were evaluated
-    differently."""
-    blob = {"eval": name, "settings": keyed(ctx.settings[name]),
+    (the keyed fields of ``ctx.settings[name]``, as they resolve on ``ctx.device``) and the data (name, test split,
+    split sizes). It names the done-marker and is stored in each record, so the tables can tell when the seeds of
+    one cell were evaluated differently."""
+    blob = {"eval": name, "settings": keyed(ctx.settings[name], getattr(ctx, "device", None)),
             "dataset": ctx.data.name, "test_split": ctx.data.test_split_name,
             "sizes": [len(ctx.data.train), len(ctx.data.test)]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -71,7 +71,7 @@ def _evaluate_locked(export_dir: Path, evals: list[str], ctx, records_path: Path
         if state is None:
             recs = [replace(r, eval_key=key, time=r.time or now_iso())
                     for r in EVALS[name].run(ctx, export_dir, ctx.settings[name])]
-            state = {"eval": name, "key": key, "settings": keyed(ctx.settings[name]),
+            state = {"eval": name, "key": key, "settings": keyed(ctx.settings[name], getattr(ctx, "device", None)),
                      "records": [asdict(r) for r in recs], "appended": False}
             atomic_write_text(marker, json.dumps(state, indent=2, default=str) + "\n")
         else:  # measured, but a kill came before the marker said appended

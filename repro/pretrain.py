@@ -35,6 +35,7 @@ from repro.records import (
     ResultRecord,
     append_records,
     git_revision,
+    model_label,
     now_iso,
     read_records,
     record_from_export,
@@ -45,12 +46,13 @@ from repro.trainer import Trainer, TrainResult, read_summary
 log = logging.getLogger("repro")
 
 
-def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict) -> ExportMeta:
+def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict,
+                precision: str = "") -> ExportMeta:
     budget = parse_budget(cfg.budget.spec)
     return backbone.export_meta(
         mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=cfg.budget.spec,
         budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
-        dataset=data.name, seed=cfg.seed, extra=extra,
+        dataset=data.name, seed=cfg.seed, precision=precision, extra=extra,
     )
 
 
@@ -122,7 +124,7 @@ def stage_config(method: str, parent: RunConfig, budget: str) -> RunConfig:
 
 def _finish_export(run_dir: Path, meta: ExportMeta, dist_info) -> ExportMeta:
     if dist_info.rank == 0:
-        write_export_meta(run_dir, meta)  # the weights _train wrote; the metadata completes the export
+        meta = write_export_meta(run_dir, meta)  # the weights _train wrote; the metadata completes the export
     return meta
 
 
@@ -146,18 +148,22 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
         result = trainer.fit()
     except NonFiniteLoss as e:
         if dist_info.rank == 0:
-            rec = ResultRecord(method=cfg.method, model=cfg.model.name, dataset=data.name, budget=cfg.budget.spec,
+            # the label every successful row of this run uses, so a failure lands in the same table row
+            rec = ResultRecord(method=cfg.method, model=model_label(cfg.model.name, cfg.model.timm_kwargs()),
+                               dataset=data.name, budget=cfg.budget.spec,
                                eval="pretrain", metric="final_loss", value=float("nan"), seed=cfg.seed,
                                status="failed", note=str(e), config_hash=cfg.config_hash(),
-                               git_revision=git_revision(), recipe=cfg.recipe, time=now_iso())
+                               git_revision=git_revision(), recipe=cfg.recipe, time=now_iso(),
+                               precision=trainer.precision)
             append_records(records_path, [rec])
         raise
-    meta = export_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result))
+    meta = export_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result), result.precision)
     if dist_info.rank == 0:
         for name, state in method.extra_exports().items():
             export_extra(run_dir, name, state)
         # without write_export: weights only; the export is unfinished until the caller writes its metadata
-        export_backbone(run_dir, method.eval_backbone().export_state_dict(), meta if write_export else None)
+        meta = export_backbone(run_dir, method.eval_backbone().export_state_dict(),
+                               meta if write_export else None) or meta
         log.info("%s: %d steps (%.1f epochs) in %.1fs, %.0f img/s (%.0f%% waiting for data), final loss %.4f -> %s",
                  cfg.method, result.steps, result.plan.epochs, result.pretrain_seconds, result.images_per_second,
                  100 * result.data_wait_share, result.final_loss, run_dir)
@@ -199,7 +205,7 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
 def random_teacher_export(cfg: RunConfig, out: Path, teacher: str = "mocov3") -> Path:
     """A ``teacher`` export (MoCo v3: backbone + projector) of ``cfg``'s architecture, at its random init (from the
     global RNG): a method's prerequisite (MimCo's frozen teacher) for ``repro.bench`` and the tests."""
-    tcfg = build_config(teacher, cfg.recipe, {"train.batch_size": 2, "train.compile": False, "train.amp": False})
+    tcfg = build_config(teacher, cfg.recipe, {"train.batch_size": 2, "train.compile": False, "train.precision": "fp32"})
     tcfg = replace(tcfg, model=cfg.model)  # the teacher the same recipe trains, on this architecture
     moco = build_method(tcfg)
     bb = moco.eval_backbone()

@@ -51,6 +51,9 @@ class ResultRecord:
     """pretrain_seconds x world_size / 3600 (GPU-hours on CUDA, CPU-process-hours on CPU)."""
     data_wait_share: float | None = None
     """Share of the pre-training wall-clock spent waiting for batches (above :data:`DATA_BOUND_SHARE`: data-bound)."""
+    precision: str = ""
+    """The resolved precision of pre-training ('fp32' or 'bf16', from the export); '' in records older than it (fp32 on
+    CPU, bf16 on CUDA)."""
     eval_seconds: float | None = None
     eval_key: str = ""
     """Hash of the evaluation's own settings and data (``repro.evaluate.eval_key``); empty for pre-training and for
@@ -65,6 +68,10 @@ class ResultRecord:
     """The command line that produced the number (``--set`` overrides and paths included); filled on append."""
     versions: str = ""
     """Package versions of the process that produced it (python, torch, timm, mm* when used); filled on append."""
+    export_sha256: str = ""
+    """SHA-256 of the ``backbone.safetensors`` the number was measured on (verified as it was loaded), so a record
+    names the exact weights; '' in records older than it and where no export was read (``repro.report.integrity``
+    flags one run whose records name different exports)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
@@ -220,6 +227,8 @@ def record_from_export(meta: ExportMeta, dataset: str, eval_name: str, metric: s
         pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
         images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
         config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
+        export_sha256=meta.weights_sha256,
+        precision=meta.precision,
     )
     return ResultRecord(**{**base, **fields})
 

@@ -1,8 +1,9 @@
 """The one training loop every method runs through.
 
-bf16 autocast on CUDA (fp32 on CPU); AdamW (fused on CUDA) or LARS with the method's weight-decay rule; per-iteration
-linear warmup then half-cycle cosine; optional gradient clipping; a non-finite-loss guard; periodic atomic
-checkpoints and automatic resume; tqdm on rank 0; JSONL metrics. The hot path has no host sync: losses
+bf16 autocast or fp32, as ``train.precision`` resolves on the device (:mod:`repro.precision`; bf16 on CUDA, fp32 on
+CPU unless asked); AdamW (fused on CUDA) or LARS with the method's weight-decay rule; per-iteration linear warmup
+then half-cycle cosine; optional gradient clipping; a non-finite-loss guard; periodic atomic checkpoints and
+automatic resume; tqdm on rank 0; JSONL metrics. The hot path has no host sync: losses
 are accumulated on the device and read only at logging steps.
 
 The budget becomes a fixed plan before the first real step (:class:`Plan`): for a wall-clock budget a few
@@ -13,7 +14,9 @@ count, same schedule.
 
 Exact resume: the data order is a function of (seed, epoch), and the global RNG is re-seeded from
 (seed, step, rank) before every step, so masks, crops and drop-path draws of step ``s`` do not depend on
-what ran before. On CPU a killed-and-resumed run ends with bit-identical weights.
+what ran before. On CPU a killed-and-resumed run ends with bit-identical weights. The same holds when the newest
+checkpoint fails its checksum and the run resumes from the previous one (``repro.checkpoint`` keeps two): the steps
+in between are replayed exactly.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from repro.checkpoint import (
     CHECKPOINT,
     CheckpointError,
     atomic_write_text,
-    load_checkpoint,
     remove_stale_temps,
+    resume_checkpoint,
     save_checkpoint,
 )
 from repro.config import ConfigError, RunConfig
@@ -49,6 +52,7 @@ from repro.errors import NonFiniteLoss
 from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
+from repro.precision import autocast
 from repro.records import DATA_BOUND_SHARE
 from repro.schedules import cosine_after_warmup
 from repro.seeds import step_seed
@@ -135,6 +139,8 @@ class TrainResult:
     resumed: bool
     data_wait_share: float = 0.0
     """Share of this segment's wall-clock the loop spent waiting for its next batch (:data:`DATA_BOUND_SHARE`)."""
+    precision: str = ""
+    """The resolved ``train.precision`` the steps ran in ('fp32' or 'bf16'); goes into the export and its records."""
 
 
 def _continued(step: int, start: int, plan: Plan) -> float:
@@ -219,14 +225,14 @@ def build_optimizer(method: PretrainMethod, cfg: RunConfig, plan: Plan, device: 
 
 
 def train_step(model: nn.Module, method: PretrainMethod, batch, info: StepInfo, opt: torch.optim.Optimizer,
-               lr: float, *, autocast: bool, clip_grad: float | None = None):
-    """One optimizer step: bf16 autocast forward (when ``autocast``), backward, optional clipping, the lr of every
-    group (times its ``lr_scale``), the update, and the method's post-step hook. No host sync.
+               lr: float, *, precision: str, clip_grad: float | None = None):
+    """One optimizer step: the forward in ``precision`` (resolved: 'bf16' autocast or 'fp32'), backward, optional
+    clipping, the lr of every group (times its ``lr_scale``), the update, and the method's post-step hook. No host
+    sync.
 
     ``model`` is what runs the forward (the method, or its DDP / compiled wrapper). The bench times this function.
     """
-    device_type = batch.views[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+    with autocast(batch.views[0].device, precision):
         out = model(batch, info)
     out.loss.backward()
     if clip_grad is not None:
@@ -281,14 +287,14 @@ class Trainer:
         self.model: nn.Module = distributed.wrap_ddp(method, self.device, sync_bn=method.sync_batchnorm)
         if cfg.train.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
-        self.autocast = self.device.type == "cuda" and cfg.train.amp
+        self.precision = cfg.resolved_precision(self.device.type)
         self.ckpt_path = self.run_dir / CHECKPOINT
 
     # ------------------------------------------------------------------ one step
     def _step(self, step: int, batch, plan: Plan, opt: torch.optim.Optimizer):
         info = StepInfo(step, plan.total_steps, progress_at(step, plan) if plan.revisions else None)
         return train_step(self.model, self.method, batch, info, opt, lr_at(step, plan),
-                          autocast=self.autocast, clip_grad=self.cfg.train.clip_grad)
+                          precision=self.precision, clip_grad=self.cfg.train.clip_grad)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -359,10 +365,17 @@ class Trainer:
         state: dict[str, Any] | None = None
         if main and self.run_dir.is_dir():
             remove_stale_temps(self.run_dir)  # half-written files of a killed run; never loaded, only disk
-        if self.ckpt_path.exists():
-            state = load_checkpoint(self.ckpt_path)
+        # the newest checkpoint that passes its checksum: a corrupted newest one falls back to the previous one,
+        # whose steps are then replayed exactly (data order and RNG are functions of seed and step)
+        found = resume_checkpoint(self.ckpt_path)
+        if found is not None:
+            state, used, skipped = found
+            if main:
+                for line in skipped:
+                    log.warning("%s; resuming from the previous checkpoint %s (step %s)", line, used.name,
+                                state.get("step"))
             if state.get("config_hash") != cfg.config_hash():
-                raise CheckpointError(f"{self.ckpt_path}: written by a different configuration "
+                raise CheckpointError(f"{used}: written by a different configuration "
                                       f"({state.get('config_hash')} != {cfg.config_hash()}); use another --out")
         if state is not None:
             plan = plan_from_dict(state["plan"])
@@ -489,7 +502,7 @@ class Trainer:
         self._save(plan.total_steps, elapsed, plan, opt, complete=True, final_loss=last_loss, images_per_second=ips,
                    data_wait_share=wait_share)
         result = TrainResult(plan, plan.total_steps, elapsed, ips, last_loss, self._device_name(),
-                             self.dist.world_size, state is not None, wait_share)
+                             self.dist.world_size, state is not None, wait_share, self.precision)
         if main:
             if wait_share > DATA_BOUND_SHARE:
                 log.warning("%s waited for data %.0f%% of its pre-training time: the run is data-bound (more "

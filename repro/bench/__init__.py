@@ -13,16 +13,23 @@ as a fraction of the synthetic-batch step, so a data-bound setup shows itself.
 Rows accumulate in ``<out>.csv`` (keyed by device, tag, model, method, batch, compile: a rerun replaces its
 rows) and ``<out>.md`` is regenerated from it, so before/after tags and several devices sit side by side.
 
+``--roofline`` (CPU) measures instead how near each method comes to the CPU's matmul roof in fp32 and bf16, the
+roof itself measured at the model's shapes, with threads, ``torch.compile`` and the data path's share beside it
+(``OUT_roofline.csv``, and a section of ``OUT.md``).
+
 Modules: ``steps`` (a method's step, built and timed), ``datapath`` (the batch source against the step),
-``tables`` (CSV + markdown), ``cli`` (this command); ``repro.bench_data`` is the per-stage data breakdown.
+``roofline`` (the CPU roofline), ``tables`` (CSV + markdown), ``cli`` (this command); ``repro.bench_data`` is the
+per-stage data breakdown.
 
     python -m repro.bench                                     # every method, ViT-B/16 at 224 (GPU) or tiny (CPU)
     python -m repro.bench mae micl --model vit_s vit_b vit_l --compile both --tag after
     python -m repro.bench micl --model cifar10 --data /data/cifar10   # GPU-resident data path vs synthetic
+    python -m repro.bench --roofline                          # CPU: fp32 vs bf16 against the measured roof
 """
 
 from repro.bench.cli import build_parser, main
 from repro.bench.datapath import DataRow, bench_data
+from repro.bench.roofline import RooflineRow, bench_roofline
 from repro.bench.steps import (
     MODELS,
     VARIANTS,
@@ -42,10 +49,12 @@ __all__ = [
     "MODELS",
     "VARIANTS",
     "DataRow",
+    "RooflineRow",
     "Row",
     "Variant",
     "bench_data",
     "bench_method",
+    "bench_roofline",
     "build",
     "build_parser",
     "device_name",

@@ -27,6 +27,7 @@ from repro.bench.steps import (
 from repro.bench.tables import write_results
 from repro.config import ConfigError, DataConfig, parse_set_args
 from repro.flops import matmul_peak_flops
+from repro.precision import resolve_precision
 from repro.recipes import RECIPES
 from repro.registry import METHODS
 
@@ -70,8 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"per-device batch (default on CUDA {GPU_BATCH}, MiCL x8; {CPU_BATCH} on CPU)")
     p.add_argument("--compile", choices=("off", "on", "both"), default="both",
                    help="eager, torch.compile, or both side by side (default both)")
-    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps (median reported; default 30)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="train.precision of the step (default auto: bf16 on CUDA, fp32 on CPU; repro.precision)")
+    p.add_argument("--no-amp", action="store_true", help="deprecated: --precision fp32")
+    p.add_argument("--roofline", action="store_true",
+                   help="CPU roofline instead of the step table: the matmul roof measured at the model's shapes, "
+                        "each method's achieved GFLOP/s in fp32 and bf16 (alternating), 1 vs all threads, the data "
+                        "path's share and torch.compile against a 90-s demo (default model cifar10-cpu, batch 128, "
+                        "2 steps per block; see repro.bench.roofline)")
+    p.add_argument("--compile-methods", nargs="*", default=["micl"], metavar="METHOD",
+                   help="with --roofline: the methods whose compiled step is measured (default micl; compiling costs "
+                        "~15-150 s per method and precision on 2 shared cores)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (median reported; default 30, with --roofline 2 per block)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (compilation, autotune; default 5)")
     p.add_argument("--data", default=None, help="also measure the data path on this dataset (ImageFolder/CIFAR)")
     p.add_argument("--data-only", action="store_true",
@@ -112,6 +124,8 @@ def _main(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method {unknown[0]!r}; one of {', '.join(METHODS)}")
+    if args.steps is None:
+        args.steps = 2 if args.roofline else 30
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
     if args.data_only and not args.data:
@@ -128,8 +142,10 @@ def _main(args: argparse.Namespace) -> int:
     given = _parse_batch(args.batch)
     sets: dict[str, Any] = dict(parse_set_args(args.sets))
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    amp = not args.no_amp
-    dtype = torch.bfloat16 if device.type == "cuda" and amp else torch.float32
+    precision = "fp32" if args.no_amp else args.precision
+    if args.roofline:
+        return _roofline(args, methods, device, given, sets)
+    dtype = torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
     size = args.peak_size or (8192 if device.type == "cuda" else 1024)
     peak = matmul_peak_flops(device, dtype, n=size, repeats=20 if device.type == "cuda" else 8)
     log.info("%s: measured %s matmul peak %.1f TFLOP/s", device_name(device), str(dtype).removeprefix("torch."),
@@ -154,7 +170,7 @@ def _main(args: argparse.Namespace) -> int:
                     stage_rows += _stages(name, model, batch, data, device, args, Path(tmp), sets)
                 for v in ([] if args.data_only else args.variant):
                     for c in compiles:
-                        r = bench_method(name, model, batch, compile=c, amp=amp, steps=args.steps,
+                        r = bench_method(name, model, batch, compile=c, precision=precision, steps=args.steps,
                                          warmup=args.warmup, device=device, peak=peak, tag=args.tag,
                                          scratch=Path(tmp), sets=sets, variant=VARIANTS[v])
                         rows.append(r)
@@ -162,7 +178,8 @@ def _main(args: argparse.Namespace) -> int:
                                  model, name, r.variant, batch, "compiled" if c else "eager", r.img_per_s,
                                  r.ms_per_step, r.tflops, 100 * r.mfu, f" ({r.note})" if r.note else "")
                 for decode in (decodes if streamed else ["fast"]) if data is not None else []:
-                    d = bench_data(name, model, batch, data, amp=amp, steps=args.steps, warmup=args.warmup,
+                    d = bench_data(name, model, batch, data, precision=precision, steps=args.steps,
+                                   warmup=args.warmup,
                                    device=device, tag=args.tag, scratch=Path(tmp), sets=sets,
                                    num_workers=args.num_workers, decode=decode, with_step=not args.data_only)
                     data_rows.append(d)
@@ -183,7 +200,7 @@ def _stages(name: str, model: str, batch: int, data: Any, device: torch.device, 
     """The per-stage, per-core breakdown of each ``--decode`` pipeline for this method's views."""
     from repro.bench_data import measure_stages
 
-    cfg = model_config(name, model, batch, compile=False, amp=False, sets=sets)
+    cfg = model_config(name, model, batch, compile=False, precision="fp32", sets=sets)
     method = build(cfg, torch.device("cpu"), scratch)
     out = []
     for decode in args.decode or ["pil", "fast", "gpu"]:
@@ -195,3 +212,29 @@ def _stages(name: str, model: str, batch: int, data: Any, device: torch.device, 
                                                                               "collate")),
                  r.worker_ms, r.img_per_s_per_core)
     return out
+
+
+def _roofline(args: argparse.Namespace, methods: list[str], device: torch.device, given: dict[str, int],
+              sets: dict[str, Any]) -> int:
+    """``--roofline``: the CPU roofline rows of ``methods`` into OUT_roofline.csv and OUT.md's CPU section."""
+    from repro.bench.roofline import bench_roofline
+
+    if device.type != "cpu":
+        raise ConfigError("--roofline measures the CPU: use --device cpu on a CUDA machine")
+    if args.model and len(args.model) > 1:
+        raise ConfigError("--roofline takes one --model (default cifar10-cpu)")
+    model = args.model[0] if args.model else "cifar10-cpu"
+    unknown = [m for m in args.compile_methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--compile-methods: unknown method {unknown[0]!r}")
+    batch = given.get("*", 128)
+    tag = args.tag if args.tag != "current" else "roofline"
+    with tempfile.TemporaryDirectory(prefix="repro-bench-") as tmp:
+        for name in methods:  # written method by method: a bench cut short keeps what it measured
+            rows = bench_roofline([name], recipe=model, batch=batch, steps=args.steps,
+                                  warmup=max(1, args.warmup // 5),
+                                  compile_methods=tuple(m for m in args.compile_methods if m == name), tag=tag,
+                                  scratch=Path(tmp), sets=sets, log=log.info)
+            md, _ = write_results(Path(args.out), [], [], rows)
+            log.info("wrote %s and %s", md, Path(args.out).parent / f"{Path(args.out).name}_roofline.csv")
+    return 0

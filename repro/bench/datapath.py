@@ -29,7 +29,7 @@ class DataRow:
     date: str
 
 
-def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool, steps: int, warmup: int,
+def bench_data(method_name: str, model: str, batch: int, data: Any, *, precision: str, steps: int, warmup: int,
                device: torch.device, tag: str, scratch: Path, sets: dict[str, Any], num_workers: int,
                decode: str = "fast", with_step: bool = True) -> DataRow:
     """img/s of the batch source alone, and (``with_step``) of the training step fed by it vs by one synthetic batch.
@@ -38,7 +38,7 @@ def bench_data(method_name: str, model: str, batch: int, data: Any, *, amp: bool
     from repro.data import TensorImages
     from repro.sources import StepSampler, make_batch_source, resolve_workers
 
-    cfg = model_config(method_name, model, batch, compile=False, amp=amp, sets=sets)
+    cfg = model_config(method_name, model, batch, compile=False, precision=precision, sets=sets)
     torch.manual_seed(0)
     method = build(cfg, device, scratch)
     size = method.backbone.img_size

@@ -44,7 +44,8 @@ class Row:
     method: str
     batch: int
     compile: bool
-    amp: bool
+    precision: str
+    """The resolved ``train.precision`` of the step ('fp32' or 'bf16'); the column was ``amp`` before."""
     img_per_s: float
     ms_per_step: float
     gflop_per_img: float
@@ -57,14 +58,14 @@ class Row:
     note: str = ""
 
 
-def model_config(method: str, model: str, batch: int, *, compile: bool, amp: bool,
+def model_config(method: str, model: str, batch: int, *, compile: bool, precision: str = "auto",
                  sets: dict[str, Any] | None = None) -> RunConfig:
     """The run configuration ``repro.run`` would build for ``method`` on model preset ``model``."""
     recipe, overrides = MODELS.get(model, (model, {}))
     if recipe not in RECIPES:
         raise ConfigError(f"--model {model!r}: not one of {', '.join([*MODELS, *RECIPES])}")
     return build_config(method, recipe, {**overrides, "train.batch_size": batch, "train.compile": compile,
-                                         "train.amp": amp, **(sets or {})})
+                                         "train.precision": precision, **(sets or {})})
 
 
 def build(cfg: RunConfig, device: torch.device, scratch: Path) -> PretrainMethod:
@@ -125,10 +126,10 @@ def make_step(cfg: RunConfig, method: PretrainMethod, device: torch.device,
     if variant.attention == "naive":
         set_fused_attention(method, False)
     model: Any = torch.compile(method) if cfg.train.compile else method
-    amp = device.type == "cuda" and cfg.train.amp
+    precision = cfg.resolved_precision(device.type)
 
     def step(batch: Batch, i: int) -> Any:
-        out = train_step(model, method, batch, StepInfo(i, plan.total_steps), opt, plan.lr, autocast=amp,
+        out = train_step(model, method, batch, StepInfo(i, plan.total_steps), opt, plan.lr, precision=precision,
                          clip_grad=cfg.train.clip_grad)
         if variant.sync:
             out.loss.item()
@@ -178,16 +179,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def bench_method(method_name: str, model: str, batch: int, *, compile: bool, amp: bool, steps: int, warmup: int,
-                 device: torch.device, peak: float, tag: str, scratch: Path, sets: dict[str, Any],
+def bench_method(method_name: str, model: str, batch: int, *, compile: bool, precision: str, steps: int,
+                 warmup: int, device: torch.device, peak: float, tag: str, scratch: Path, sets: dict[str, Any],
                  variant: Variant = Variant()) -> Row:
-    cfg = model_config(method_name, model, batch, compile=compile, amp=amp, sets=sets)
+    cfg = model_config(method_name, model, batch, compile=compile, precision=precision, sets=sets)
     torch.manual_seed(0)
     method = build(cfg, device, scratch)
     flops = float(method.flops_per_image())
     base: dict[str, Any] = dict(
         device=device_name(device), tag=tag, variant=variant.name, model=model, img_size=method.backbone.img_size,
-        method=method_name, batch=batch, compile=compile, amp=amp and device.type == "cuda",
+        method=method_name, batch=batch, compile=compile, precision=cfg.resolved_precision(device.type),
         gflop_per_img=flops / 1e9, peak_tflops=peak / 1e12, torch=torch.__version__,
         date=_dt.date.today().isoformat())
     if device.type == "cuda":

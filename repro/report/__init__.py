@@ -29,6 +29,7 @@ from repro.config import ConfigError
 from repro.records import ReadProblem, read_all
 from repro.report.claims import claims_markdown, load_claims
 from repro.report.curves import import_curves
+from repro.report.integrity import export_checksum_conflicts
 from repro.report.numbers import check_results, render_notes
 from repro.report.papers import load_reference, reference_markdown
 from repro.report.plots import plot_accuracy_vs_budget, plot_loss_curves
@@ -127,6 +128,11 @@ def generate(results_dir: Path, runs_dir: Path | None = None) -> list[Path]:
                   "`config.json` holds every setting. random-init and supervised-scratch rows come from the same "
                   "commands (evaluated once per model and seed). Device is the pre-training hardware (× processes); "
                   "times are wall-clock; an evaluation's selection rule is in its record.", "", *how]
+    conflicts = export_checksum_conflicts(pd.DataFrame([r.__dict__ for r in records])) if records else []
+    if conflicts:
+        index += ["", "## Records measured on different weights", ""] + [f"- {c}" for c in conflicts]
+        for c in conflicts:
+            print(f"repro.report: warning: {c}", file=sys.stderr)
     if problems:
         index += ["", "## Unreadable record lines", ""]
         index += [f"- {Path(p.path).name}:{p.line}: {p.reason}" for p in problems]

@@ -86,7 +86,8 @@ def first_logs(method: str, tmp_path: Path, dtype: torch.dtype = torch.float32, 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        overrides = {"budget.spec": f"{STEPS}steps", "train.log_every": 1}
+        # fp32 pinned: the golden losses are fp32/fp64 numbers, whatever train.precision=auto picks on this CPU
+        overrides = {"budget.spec": f"{STEPS}steps", "train.log_every": 1, "train.precision": "fp32"}
         if method == "mimco" and dtype == torch.float64:
             overrides["method.teacher"] = str(float64_mimco_teacher())
         with default_dtype(dtype):

@@ -226,12 +226,18 @@ def _export(tmp: Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
 
 
 def _rewrite(out: Path, meta: dict | None = None, state: dict | None = None) -> dict[str, Path]:
+    """The export with a wrong architecture written as such (its checksums name the new bytes): what is refused is the
+    mismatch with the model, not a file that changed after it was written (setup_export_truncated is that case)."""
     from safetensors.torch import save_file
+
+    from repro.checkpoint import write_checksum
 
     if meta is not None:
         (out / EXPORT_META).write_text(json.dumps(meta))
+        write_checksum(out / EXPORT_META)
     if state is not None:
         save_file(state, str(out / EXPORT_WEIGHTS))
+        write_checksum(out / EXPORT_WEIGHTS)
     return {"EXPORT": out}
 
 

@@ -79,7 +79,7 @@ def test_naive_attention_computes_the_same_loss_and_gradients(method):
     from repro.flops import set_fused_attention
     from repro.method import StepInfo
 
-    cfg = bench.model_config(method, "tiny", 4, compile=False, amp=False, sets={"model.depth": 2})
+    cfg = bench.model_config(method, "tiny", 4, compile=False, precision="fp32", sets={"model.depth": 2})
     results = []
     for fused in (True, False):
         torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_naive_attention_computes_the_same_loss_and_gradients(method):
 
 
 def test_naive_variant_is_wired(monkeypatch):
-    cfg = bench.model_config("mae", "tiny", 4, compile=False, amp=False, sets={"model.depth": 1})
+    cfg = bench.model_config("mae", "tiny", 4, compile=False, precision="fp32", sets={"model.depth": 1})
     m = bench.build(cfg, torch.device("cpu"), scratch=None)  # type: ignore[arg-type]
     made = []
     real = torch.optim.AdamW

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from repro.checkpoint import EXPORT_WEIGHTS
+from repro.checkpoint import EXPORT_WEIGHTS, file_sha256, write_checksum
 from repro.data import load_data
 from repro.pretrain import random_init_export
 from repro.records import read_records
@@ -35,6 +35,7 @@ def test_cli_evaluates_an_export_and_fails_in_one_line(export_dir, tmp_path, cpu
     assert "knn top1 = " in p.stdout
     recs, torn = read_records(tmp_path / "res" / "records" / "builtin-shapes.jsonl")
     assert not torn and [(r.method, r.eval, r.metric) for r in recs] == [("random-init", "knn", "top1")]
+    assert recs[0].export_sha256 == file_sha256(export_dir / EXPORT_WEIGHTS)  # the record names the weights it measured
 
     missing = _cli(["evals.knn", "--export", str(tmp_path / "nope"), *small], cpu_env, ROOT)
     assert missing.returncode == 2
@@ -46,6 +47,8 @@ def test_cli_evaluates_an_export_and_fails_in_one_line(export_dir, tmp_path, cpu
     (bad / "backbone.json").write_text((export_dir / "backbone.json").read_text())
     state = load_file(str(export_dir / EXPORT_WEIGHTS))
     save_file({**state, "extra.weight": torch.zeros(1)}, str(bad / EXPORT_WEIGHTS))
+    for name in ("backbone.json", EXPORT_WEIGHTS):  # written as such: the key is what is wrong, not the bytes
+        write_checksum(bad / name)
     p = _cli(["evals.finetune", "--export", str(bad), *small], cpu_env, ROOT)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
     assert p.stderr.startswith("evals: error: ") and "extra.weight" in p.stderr

@@ -13,10 +13,10 @@ def base() -> RunConfig:
 
 def test_overrides_are_typed():
     cfg = apply_overrides(base(), {"train.batch_size": "64", "method.mask_ratio": "0.8", "model.img_size": "32",
-                                   "train.amp": "false", "eval.linear_base_lrs": "0.1,0.2", "seed": "3",
+                                   "train.precision": "fp32", "eval.linear_base_lrs": "0.1,0.2", "seed": "3",
                                    "method.loss_group_size": "none"})
     assert cfg.train.batch_size == 64 and cfg.method_cfg.mask_ratio == 0.8 and cfg.model.img_size == 32
-    assert cfg.train.amp is False and cfg.seed == 3
+    assert cfg.train.precision == "fp32" and cfg.seed == 3
     assert cfg.method_cfg.loss_group_size is None
     settings = eval_settings(cfg.eval)  # eval.* values are typed by the evaluation that owns them
     assert settings["linear"].linear_base_lrs == (0.1, 0.2)
@@ -31,7 +31,7 @@ def test_eval_keys_are_checked_by_the_evaluations_that_own_them():
     assert full["knn_k"] == 20 and full["finetune_recipe"] == "vit-b" and full["coco_val_split"] == "val2017"
     for values, match in [((("knn_kk", "5"),), "unknown key 'eval.knn_kk'; valid keys under eval: "),
                           ((("knn_k", "many"),), "eval.knn_k: expected an integer"),
-                          ((("holdout_fraction", "0.7"),), "holdout_fraction must be in"),
+                          ((("linear_holdout", "0"),), "linear_holdout must be >= 1"),
                           ((("finetune_recipe", "vit-x"),), "unknown recipe 'vit-x'")]:
         with pytest.raises(ConfigError, match=match):
             eval_settings(EvalValues(values))
@@ -45,7 +45,8 @@ def test_eval_keys_are_checked_by_the_evaluations_that_own_them():
     ("bogus.x", "1", "unknown key"),
     ("train.batch_size", "big", "expected an integer"),
     ("method.mask_ratio", "lots", "cannot use|expected a number"),
-    ("train.amp", "maybe", "true/false"),
+    ("train.amp", "maybe", "true/false"),  # the deprecated alias of train.precision still checks its value
+    ("train.precision", "fp16", "auto|fp32|bf16"),
     ("method.mask_ratio", "1.5", "mask_ratio"),
     ("train.optimizer", "sgd", "adamw|lars"),
 ])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from evals.knn import knn_predict
-from evals.linear import Settings, accuracies, holdout_split, train_probes
+from evals.linear import Settings, accuracies, holdout_size, holdout_split, train_probes
 
 
 def clusters(n_per=40, k=4, d=16, noise=0.3, seed=0):
@@ -36,6 +36,13 @@ def test_linear_probe_learns_separable_features():
 
 
 def test_holdout_split_is_disjoint_and_covering():
-    fit, val = holdout_split(100, 0.1, seed=0)
+    fit, val = holdout_split(100, 10, seed=0)
     assert len(val) == 10 and not set(fit.tolist()) & set(val.tolist())
     assert sorted(fit.tolist() + val.tolist()) == list(range(100))
+
+
+def test_holdout_is_5000_capped_at_a_fifth_of_small_sets():
+    assert holdout_size(50_000, 5000) == 5000
+    assert holdout_size(10_000, 5000) == 2000  # cifar10-cpu's 10k train subset
+    assert holdout_size(5000, 5000) == 1000  # the built-in demo
+    assert holdout_size(3, 5000) == 1

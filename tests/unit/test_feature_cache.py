@@ -1,0 +1,142 @@
+"""Frozen features are extracted once per export and reused from ``EXPORT_DIR/features/`` by later commands, never
+when the export, the data or the precision changed, never from a corrupt file; the random-init floor of a seed is
+one export, evaluated once for every method and budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import evals.features as features
+from evals.features import CACHE_DIR, EvalContext, feature_precision
+from evals.registry import eval_settings
+from repro.config import EvalValues
+from repro.data import load_data
+from repro.evaluate import eval_key, evaluate
+from repro.pretrain import random_init_export
+from repro.records import read_records
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(tiny_config("mae").data)  # 64 train / 32 test built-in images
+
+
+@pytest.fixture
+def export(tmp_path, data) -> Path:
+    return random_init_export(tiny_config("mae").model, data, 0, tmp_path / "runs", "tiny")
+
+
+@pytest.fixture
+def extractions(monkeypatch):
+    """Counts calls of the real extraction (one per split)."""
+    calls: list[str] = []
+    real = features.extract
+
+    def counted(model, split, meta, ctx, name, *a, **k):
+        calls.append(name)
+        return real(model, split, meta, ctx, name, *a, **k)
+
+    monkeypatch.setattr(features, "extract", counted)
+    monkeypatch.setenv("REPRO_CPU_BF16", "0")  # auto = fp32 on every test machine
+    return calls
+
+
+def context(data, **values) -> EvalContext:
+    return EvalContext(data, eval_settings(EvalValues(tuple(values.items()))), torch.device("cpu"), progress=False)
+
+
+def test_features_are_extracted_once_and_reloaded_by_a_later_command(data, export, extractions):
+    ctx = context(data)
+    f, meta = ctx.features(export, ctx.settings["knn"])
+    assert extractions == ["train", "test"] and f.precision == "fp32" and f.train_x.dtype == torch.float32
+    files = list((export / CACHE_DIR).glob("*.pt"))
+    assert len(files) == 1
+    again, meta2 = context(data).features(export, ctx.settings["linear"])  # a new command, the other protocol
+    assert extractions == ["train", "test"] and meta2 == meta
+    for a, b in [(f.train_x, again.train_x), (f.train_y, again.train_y), (f.test_x, again.test_x),
+                 (f.test_y, again.test_y)]:
+        assert torch.equal(a, b)
+    context(data, train_subset=20).features(export, context(data, train_subset=20).settings["knn"])
+    assert extractions == ["train", "test"] * 2 and len(list((export / CACHE_DIR).glob("*.pt"))) == 2
+
+
+def test_a_changed_export_or_changed_data_never_reuses_stale_features(data, export, extractions, tmp_path):
+    ctx = context(data)
+    f, _ = ctx.features(export, ctx.settings["knn"])
+    other = random_init_export(tiny_config("mae").model, data, 1, tmp_path / "other", "tiny")  # seed 1 weights
+    for part in other.glob("backbone.safetensors*"):  # the weights (and their checksum, where exports have one)
+        (export / part.name).write_bytes(part.read_bytes())
+    g, _ = context(data).features(export, ctx.settings["knn"])
+    assert extractions == ["train", "test"] * 2 and not torch.equal(f.test_x, g.test_x)
+    shifted = load_data(tiny_config("mae", **{"data.builtin_seed": 7}).data)  # same name, sizes, other images
+    context(shifted).features(export, ctx.settings["knn"])
+    assert extractions == ["train", "test"] * 3
+
+
+def test_a_corrupt_cache_file_is_extracted_again_with_a_warning(data, export, extractions, caplog):
+    ctx = context(data)
+    f, _ = ctx.features(export, ctx.settings["knn"])
+    (path,) = (export / CACHE_DIR).glob("*.pt")
+    path.write_bytes(b"not a torch file")
+    with caplog.at_level(logging.WARNING, logger="repro"):
+        g, _ = context(data).features(export, ctx.settings["knn"])
+    assert extractions == ["train", "test"] * 2 and torch.equal(f.test_x, g.test_x)
+    assert any("unreadable feature cache" in r.getMessage() for r in caplog.records)
+    torch.save({"key": "someone else's", "train_x": torch.zeros(1)}, path)  # loads, but is not these features
+    context(data).features(export, ctx.settings["knn"])
+    assert extractions == ["train", "test"] * 3
+    context(data).features(export, ctx.settings["knn"])  # the rewritten file is good again
+    assert extractions == ["train", "test"] * 3
+    state = torch.load(path, weights_only=True)
+    state["test_x"][0, 0] += 1.0  # a flipped number: loads, right key and shapes, wrong content
+    torch.save(state, path)
+    h, _ = context(data).features(export, ctx.settings["knn"])
+    assert extractions == ["train", "test"] * 4 and torch.equal(h.test_x, f.test_x)
+
+
+def test_feature_precision_resolves_per_machine_and_keys_only_new_numbers(data, export, extractions, monkeypatch):
+    cpu = torch.device("cpu")
+    assert feature_precision("auto", cpu) == "fp32" and feature_precision("bf16", cpu) == "bf16"
+    assert feature_precision("auto", torch.device("cuda")) == "bf16"  # as extraction always was on CUDA
+    ctx = context(data)
+    # the kNN key of the defaults is the one from before eval.feature_precision wherever auto means fp32
+    old = {"eval": "knn", "settings": {"train_subset": 0, "knn_k": 20, "knn_temperature": 0.07},
+           "dataset": data.name, "test_split": data.test_split_name, "sizes": [len(data.train), len(data.test)]}
+    assert eval_key("knn", ctx) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
+    assert eval_key("knn", context(data, feature_precision="fp32")) == eval_key("knn", ctx)
+    bf16 = context(data, feature_precision="bf16")
+    assert eval_key("knn", bf16) != eval_key("knn", ctx)
+    monkeypatch.setenv("REPRO_CPU_BF16", "1")
+    assert feature_precision("auto", cpu) == "bf16" and eval_key("knn", ctx) == eval_key("knn", bf16)
+    fp32 = context(data, feature_precision="fp32")
+    f32, _ = fp32.features(export, fp32.settings["knn"])
+    b16, _ = bf16.features(export, bf16.settings["knn"])
+    assert (f32.precision, b16.precision) == ("fp32", "bf16") and b16.test_x.dtype == torch.float32
+    assert extractions == ["train", "test"] * 2 and len(list((export / CACHE_DIR).glob("*.pt"))) == 2
+    assert torch.allclose(f32.test_x, b16.test_x, atol=0.1) and not torch.equal(f32.test_x, b16.test_x)
+
+
+def test_the_random_init_floor_is_one_export_evaluated_once_per_seed(data, tmp_path, extractions):
+    """repro.run builds the floor from (model, seed) alone: every method and budget of a results directory gets the
+    same export, its cached features and its done-markers."""
+    model = tiny_config("mae").model
+    out, records = tmp_path / "runs", tmp_path / "results" / "records" / "x.jsonl"
+    first = random_init_export(model, data, 0, out, "tiny")
+    stamp = (first / "backbone.safetensors").stat().st_mtime_ns
+    assert random_init_export(tiny_config("micl").model, data, 0, out, "tiny") == first  # another method's run
+    assert (first / "backbone.safetensors").stat().st_mtime_ns == stamp
+    small = {"linear_epochs": 2, "linear_warmup_epochs": 1, "linear_batch_size": 16}
+    recs = evaluate(first, ["knn", "linear"], context(data, **small), records)
+    assert [r.eval for r in recs] == ["knn", "linear"] and extractions == ["train", "test"]
+    assert "features fp32" in recs[0].selection and "features fp32" in recs[1].selection
+    assert evaluate(first, ["knn", "linear"], context(data, **small), records) == []  # the next budget: done
+    again = evaluate(first, ["linear"], context(data, **{**small, "linear_epochs": 3}), records)  # new setting
+    assert len(again) == 1 and extractions == ["train", "test"]  # measured again, from the cached features
+    assert len(read_records(records)[0]) == 3
