@@ -263,8 +263,8 @@ def render_roofline(df: Any) -> list[str]:
              "1), widths D, 3D, 4D), per precision and thread count, timed in the same run (the square 1024-matmul",
              "rate beside it). Achieved = analytic FLOPs per image (`repro/flops.py`) x img/s of the trainer's own",
              "step (`repro.trainer.train_step`), median over the timed steps; data = the in-memory batch source's",
-             "time per step as a share of data + step. The cores were shared with other work: fp32 and bf16 of a",
-             "method ran in alternating blocks (order flipped each block) so that contention hits both alike;",
+             "time per step as a share of data + step. fp32 and bf16 of a method run in alternating blocks (order",
+             "flipped each block), so that any contention from other work on the cores hits both alike;",
              "compare columns within a row, not across runs. Demo steps: steps a 90-s budget buys, compile time",
              "charged, data path included.", ""]
     for (dev, tag), g in df.groupby(["device", "tag"], sort=False):
