@@ -94,8 +94,8 @@ def cifar10(method: str) -> list[Override]:
         Override("eval.linear_batch_size", 1024, "50k training features: MAE's 16384 would be 3 steps per epoch"),
         Override("eval.linear_base_lrs", (0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
                  "LARS travel scales with dataset size x base lr (see the tiny recipe): on 50k features MAE's 0.1 "
-                 "barely moves the probe. Swept identically for every method, selected on the held-out 10% of the "
-                 "training set, never on the test images"),
+                 "barely moves the probe. Swept identically for every method, selected on held-out training images "
+                 "(eval.linear_holdout), never on the test images; widened on an edge"),
         Override("eval.finetune_recipe", "cifar10", "MAE's fine-tune protocol for 50k 32-px images in minutes: see "
                  "evals/finetune/recipes.py"),
     ]
