@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from evals.registry import EVALS, eval_settings, normalized
 from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, read_export
 from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
@@ -61,6 +60,8 @@ def build_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> RunConfig:
     """Eval and data settings: the recipe's (eval/data keys only), the data path, then ``--set``."""
+    from evals.registry import normalized  # deferred: the registry imports the evaluations, whose __main__ calls this
+
     cfg = build_config("", args.recipe or default_recipe(args.data), keys=lambda k: k.startswith(_KEYS))
     cfg = apply_overrides(cfg, {"data.path": args.data} if args.data is not None else {})
     sets = parse_set_args(args.sets)
@@ -81,6 +82,7 @@ def _device(choice: str) -> torch.device:
 
 def run_cli(name: str, args: argparse.Namespace) -> list[ResultRecord]:
     from evals.features import EvalContext
+    from evals.registry import EVALS, eval_settings  # deferred, as in resolve
 
     cfg = resolve(args)
     read_export(args.export, weights=False)  # fail on a bad export before loading any data

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-import repro.bench
 from repro.bench.datapath import DataRow, bench_data
 from repro.bench.steps import (
     CPU_BATCH,
@@ -60,9 +59,12 @@ def _parse_batch(items: list[str]) -> dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m repro.bench", description=repro.bench.__doc__.split("\n\n")[0],
+    from repro import bench  # the package's docstring is the help text; deferred: the package imports this module
+
+    doc = bench.__doc__ or ""
+    p = argparse.ArgumentParser(prog="python -m repro.bench", description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(repro.bench.__doc__.split("\n\n")[1:]))
+                                epilog="\n\n".join(doc.split("\n\n")[1:]))
     p.add_argument("methods", nargs="*", metavar="METHOD", help=f"default: all of {', '.join(METHODS)}")
     p.add_argument("--model", nargs="+", default=None,
                    help=f"model presets: {', '.join(MODELS)} or a recipe name ({', '.join(RECIPES)}); "
