@@ -78,6 +78,18 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != LOCK_FILE}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run's directory (test_resume's short MiCL run): what a stopped, corrupted or requeued run
+    must end bit-identical to."""
+    from tests.reliability.test_resume import cli_args
+
+    base = tmp_path_factory.mktemp("reference")
+    p = run_module(cli_args(base / "runs", base / "results"), base)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run_dir(base / "runs")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_cli(monkeypatch):
     """In-process CLI runs leave torch's thread count alone (without OMP_NUM_THREADS they set cpu_count threads)."""

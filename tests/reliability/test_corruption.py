@@ -22,20 +22,13 @@ import pytest
 
 from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, PREVIOUS_CHECKPOINT, load_checkpoint, verify_file
 from repro.lock import PREEMPTED_EXIT
-from tests.reliability.conftest import error_line, run_dir, run_module, tree
+from tests.reliability.conftest import error_line, run_module, tree
 from tests.reliability.test_preemption import start, wait_until
 from tests.reliability.test_resume import STEPS, cli_args, logged
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run's directory."""
-    base = tmp_path_factory.mktemp("reference")
-    p = run_module(cli_args(base / "runs", base / "results"), base)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return run_dir(base / "runs")
 
 
 def flip_middle(path: Path, n: int = 64) -> None:

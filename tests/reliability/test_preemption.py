@@ -20,18 +20,12 @@ import pytest
 
 from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, load_checkpoint
 from repro.lock import PREEMPTED_EXIT
-from tests.reliability.conftest import error_line, run_dir, run_module, subprocess_env
+from tests.reliability.conftest import error_line, run_module, subprocess_env
 from tests.reliability.test_resume import STEPS, cli_args, logged
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("reference")
-    p = run_module(cli_args(base / "runs", base / "results"), base)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return run_dir(base / "runs")
 
 
 def start(args: list[str], cwd: Path, name: str, **env: str) -> tuple[subprocess.Popen, Path]:
