@@ -30,9 +30,10 @@ Deviations (the shared timm backbone differs from the official BEiT-style ViT; t
 1. No relative position bias: timm's learned absolute position embedding instead (BEiT's ``rel_pos_bias``
    is not part of timm's ``VisionTransformer``).
 2. No layer-scale (BEiT ``init_values`` 0.1 at ViT-B): timm's default ViT blocks have none.
-3. The teacher update runs after each optimizer step with the schedule at that step, as the official
-   training loop does; the [MASK] token is a method parameter, not part of the export (the official
-   fine-tuning also drops it).
+3. (not a deviation: the teacher update runs after each optimizer step with the momentum of that step, as the
+   official loop does (``engine_for_pretraining.py`` ``train_one_epoch``: ``loss_scaler(...)`` steps the
+   optimizer, then ``m = momentum_schedule[it]`` and the EMA over the shared parameters); the [MASK] token is a
+   method parameter, not part of the export, and the official fine-tuning drops it too.)
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class ConMIM(PretrainMethod):
         return StepOutput(loss, {"patch_nce": loss.detach(), "aux/mask_fraction": mask.float().mean()})
 
     def after_optimizer_step(self, step: StepInfo) -> None:
-        # DEVIATION(3): the EMA runs after the optimizer step, with the schedule at this step
+        # the EMA runs after the optimizer step, with the momentum of this step (as the official loop)
         m = cosine_momentum(self.cfg.momentum, step.progress)
         ema_update_(self.teacher_backbone, self.backbone, m)
         ema_update_(self.teacher_projector, self.projector, m)

@@ -1,9 +1,10 @@
 """Budgets: parse ``3m`` / ``133h`` / ``300ep`` / ``5000steps`` / ``2e18flop`` and turn them into a step count.
 
 A wall-clock budget means *pre-training time on the hardware the run is given*. The trainer times a
-few warm steps (:func:`calibrate_steps`), converts the budget into a fixed ``total_steps`` that every
-rank uses, builds the LR schedule over exactly those steps and trains to that count; a resumed run
-keeps the count. Epoch, step and FLOP budgets are hardware-independent and need no timing.
+few warm steps (``Trainer._calibrate`` in :mod:`repro.trainer`, giving a :class:`Calibration`), converts
+the budget into a fixed ``total_steps`` (:func:`steps_for_budget`) that every rank uses, builds the LR
+schedule over exactly those steps and trains to that count; a resumed run keeps the count. Epoch, step and
+FLOP budgets are hardware-independent and need no timing.
 """
 
 from __future__ import annotations

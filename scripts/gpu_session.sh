@@ -35,7 +35,7 @@ bench)
     timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/unit 2>&1 | tail -5 || true
     # ImageNet-format streaming (issue 18): generated ImageNet-sized JPEGs; per-core stages and the real step fed by
     # each decode pipeline (pil = plain torchvision, fast = reduced DCT + uint8 crops, gpu = batched nvJPEG)
-    [ -d /tmp/jpegs/train ] || $PY -m repro.bench_data /tmp/jpegs 4000 >/dev/null
+    [ -d /tmp/jpegs/train ] || $PY -m repro.bench.data_stages /tmp/jpegs 4000 >/dev/null
     timeout 240 $B micl mae mocov3 --model vit_b --compile off --data /tmp/jpegs --decode pil fast gpu \
         --tag imagenet-jpeg 2>&1 | grep -v "^W" || true
     if [ -f .data/cifar10-jpeg.tar.gz ]; then

@@ -1,9 +1,10 @@
 """Dense evaluations (ADE20K segmentation, COCO detection) on OpenMMLab, behind a process boundary.
 
-``repro.run --evals ade20k,coco`` calls :func:`ade20k` / :func:`coco`, which run ``python -m evals.segmentation``
-/ ``python -m evals.detection`` on the export in a child process and read back its result records. Nothing here
-imports mm*: the core keeps working without the ``dense`` extra, and a missing extra is reported before any
-pre-training starts (:func:`check_ready`).
+``evals.registry`` lists each :data:`TASKS` entry as an evaluation whose ``run`` is :func:`runner` (task);
+``repro.run --evals ade20k,coco`` reaches it through ``repro.evaluate``, and :func:`run_task` runs ``python -m
+evals.segmentation`` / ``python -m evals.detection`` on the export in a child process and reads back its result
+records. Nothing here imports mm*: the core keeps working without the ``dense`` extra, and a missing extra is
+reported before any pre-training starts (:func:`check_ready`, which ``repro.run`` calls).
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from repro.records import ResultRecord
 
 @dataclass(frozen=True)
 class DenseTask:
-    """Everything the suite knows about one dense evaluation; a new task is one more entry in :data:`TASKS` (plus
-    its module with a native mmengine config and its recipes in ``options.py``). Its ``eval.*`` settings are
-    ``eval.<name>_data``, ``_recipe``, ``_train_split`` and ``_val_split`` (:attr:`settings`)."""
+    """Everything this module knows about one dense evaluation. Its ``eval.*`` settings (``eval.<name>_data``,
+    ``_recipe``, ``_train_split``, ``_val_split``: :attr:`settings`) and its registry entry follow from its
+    :data:`TASKS` entry, but a new task needs more than that entry today: its module (native mmengine config + a
+    ``__main__`` calling :func:`evals.dense.launch.main`), entries in ``launch.py``'s ``CONFIGS``, ``MODULE``,
+    ``DEFAULT_SPLITS`` and ``METRICS`` and its branches there (data check, ``register_all_modules``), its name in
+    ``options.py``'s ``TASKS``, its recipes and the ``task == ...`` branches of ``options.py``, and its name in
+    ``repro.run``'s list of dense tasks (ARCHITECTURE.md, "Add a dense task")."""
 
     name: str
     module: str

@@ -22,7 +22,7 @@ Reported: top-1 and top-5 on the test split after the LAST epoch. Nothing is sel
 Deviations from MAE's protocol:
 1. ``small32`` is a scaled-down recipe for 32-px data on a CPU (few epochs, batch 128) and ``cifar10`` one for
    CIFAR-10 on one GPU (15 epochs, batch 512); see their comments. ``vit-b``/``vit-l`` are MAE's numbers.
-2. Evaluation views come from :func:`repro.data.eval_batches`, shared with kNN/linear: in-memory (small) images
+2. Evaluation views come from :func:`repro.sources.eval_batches`, shared with kNN/linear: in-memory (small) images
    are only normalised at their native size (MAE resizes to size/0.875 and centre-crops; at 32 px that crop
    would throw away 12% of each side); streamed images get MAE's resize + centre crop.
 3. RandAugment's ``PosterizeIncreasing`` at magnitude 10 asks PIL to keep 0 bits. MAE's Pillow returned a black

@@ -18,8 +18,8 @@ roof itself measured at the model's shapes, with threads, ``torch.compile`` and 
 (``OUT_roofline.csv``, and a section of ``OUT.md``).
 
 Modules: ``steps`` (a method's step, built and timed), ``datapath`` (the batch source against the step),
-``roofline`` (the CPU roofline), ``tables`` (CSV + markdown), ``cli`` (this command); ``repro.bench_data`` is the
-per-stage data breakdown.
+``data_stages`` (the data path stage by stage, per worker core, and the generated JPEGs), ``roofline`` (the CPU
+roofline), ``tables`` (CSV + markdown), ``cli`` (this command).
 
     python -m repro.bench                                     # every method, ViT-B/16 at 224 (GPU) or tiny (CPU)
     python -m repro.bench mae micl --model vit_s vit_b vit_l --compile both --tag after

@@ -191,7 +191,7 @@ def _main(args: argparse.Namespace) -> int:
     md, csv = write_results(Path(args.out), rows, data_rows)
     log.info("wrote %s and %s", md, csv)
     if stage_rows:
-        from repro.bench_data import write_stages
+        from repro.bench.data_stages import write_stages
 
         log.info("wrote %s", write_stages(Path(args.out), stage_rows))
     return 0
@@ -200,7 +200,7 @@ def _main(args: argparse.Namespace) -> int:
 def _stages(name: str, model: str, batch: int, data: Any, device: torch.device, args: argparse.Namespace,
             scratch: Path, sets: dict[str, Any]) -> list[Any]:
     """The per-stage, per-core breakdown of each ``--decode`` pipeline for this method's views."""
-    from repro.bench_data import measure_stages
+    from repro.bench.data_stages import measure_stages
 
     cfg = model_config(name, model, batch, compile=False, precision="fp32", sets=sets)
     method = build(cfg, torch.device("cpu"), scratch)

@@ -115,7 +115,7 @@ def render_from_csvs(md: Path) -> str | None:
         return pd.read_csv(p) if p.exists() else None
 
     if md.name.endswith("_data.md"):
-        from repro.bench_data import render_stages
+        from repro.bench.data_stages import render_stages
 
         stages = read(md.parent / f"{md.name[:-len('_data.md')]}_data_stages.csv")
         return None if stages is None else render_stages(stages) + "\n"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repro.bench_data import synthetic_photo
+from repro.bench.data_stages import synthetic_photo
 from repro.config import DataConfig
 from repro.data import IMAGENET_MEAN, IMAGENET_STD, DataError, FileImages, load_data
 from repro.sources import (

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from repro.bench_data import write_jpeg_folder
+from repro.bench.data_stages import write_jpeg_folder
 from repro.config import DataConfig
 from repro.data import DataError, load_data
 from repro.store import MANIFEST, SUMS, build_store, main, verify_store

@@ -1,5 +1,8 @@
 """The streamed data path, stage by stage, per worker core (``python -m repro.bench --data IMAGEFOLDER``).
 
+Beside :mod:`repro.bench.datapath`, which times the batch source as a whole against the training step, this module
+breaks one worker's share of it into stages.
+
 For each method's views (one for MiCL/MAE, two for MoCo v3, ...) and each ``data.decode`` pipeline it runs the
 pipeline's own functions on one thread over the dataset's training files (cycled) and times each stage:
 
@@ -14,6 +17,12 @@ pipeline's own functions on one thread over the dataset's training files (cycled
 ``worker ms`` is their sum and ``img/s per core`` its inverse: what one DataLoader worker can feed. The device
 half of ``fast`` (photometric ops + normalisation of a batch) is timed separately as ``device ms`` on the bench's
 device; on a GPU it overlaps the workers.
+
+It also makes photo-like JPEGs for the benchmark and the tests (:func:`write_jpeg_folder`):
+``python -m repro.bench.data_stages OUT_DIR N`` writes N of them as an ImageFolder under OUT_DIR.
+
+It times the pipeline's own functions, two of which are private to :mod:`repro.sources` (``_read``,
+``_header_size``): a rename there must follow here.
 """
 
 from __future__ import annotations
@@ -205,9 +214,9 @@ def write_stages(out: Path, rows: list[StageRow]) -> Path:
     return md
 
 
-if __name__ == "__main__":  # python -m repro.bench_data OUT N: write N generated ImageNet-sized JPEGs under OUT
+if __name__ == "__main__":  # python -m repro.bench.data_stages OUT N: N generated ImageNet-sized JPEGs under OUT
     import sys
 
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m repro.bench_data OUT_DIR N_IMAGES")
+        sys.exit("usage: python -m repro.bench.data_stages OUT_DIR N_IMAGES")
     print(write_jpeg_folder(Path(sys.argv[1]), int(sys.argv[2])))
