@@ -5,6 +5,8 @@ Placeholders in a hand-written ``NOTES.md`` (rendered into the directory's READM
 the placeholders):
 
     {{cell METHOD EVAL BUDGET}}       mean ± std (n=k) of the top-1 over seeds, one decimal
+                                      (each of these takes the training precision as an optional last word, and
+                                      must where the records hold two: a mean over two precisions is an error)
     {{mean METHOD EVAL BUDGET}}       the mean alone, one decimal
     {{n METHOD EVAL BUDGET}}          how many seeds
     {{steps METHOD BUDGET}}           mean optimizer steps of the pre-training records
@@ -45,12 +47,25 @@ _COMMENT = re.compile(r"<!--.*?-->", re.S)
 # --- placeholders ---------------------------------------------------------------------------------------------
 
 
-def _select(df: pd.DataFrame, method: str, ev: str, budget: str) -> pd.Series:
+def _select(df: pd.DataFrame, method: str, ev: str, budget: str, precision: str = "", where: str = "") -> pd.Series:
     sel = df[(df["method"] == method) & (df["eval"] == ev) & (df["metric"] == ("final_loss" if ev == "pretrain"
                                                                                else "top1"))]
     if budget != "-" or method != "random-init":
         sel = sel[sel["budget"] == budget]
-    return sel["value"].astype(float)
+    return _one_precision(sel, precision, where)["value"].astype(float)
+
+
+def _one_precision(sel: pd.DataFrame, precision: str, where: str) -> pd.DataFrame:
+    """``sel`` of one training precision: the one named, or the only one there is (never a mean over two)."""
+    if "precision" not in sel:
+        return sel
+    if precision:
+        return sel[sel["precision"].fillna("") == precision]
+    found = sorted(set(sel["precision"].fillna("")))
+    if len(found) > 1:
+        raise ConfigError(f"{where}: these records hold several training precisions ({', '.join(found)}): name one "
+                          "as the placeholder's last word")
+    return sel
 
 
 def _phase_hours(df: pd.DataFrame, phase: str) -> float:
@@ -67,17 +82,21 @@ def render_placeholder(expr: str, df: pd.DataFrame, where: str = "") -> str:
     parts = expr.split()
     fn, args = parts[0], parts[1:]
     arity = {"cell": 3, "mean": 3, "n": 3, "steps": 2, "hours": 1}
-    if fn not in arity or len(args) != arity[fn]:
-        raise ConfigError(f"{where}: unknown placeholder {{{{{expr}}}}} (one of: cell|mean|n METHOD EVAL BUDGET, "
-                          "steps METHOD BUDGET, hours PHASE)")
+    if fn not in arity or len(args) not in (arity[fn], arity[fn] + (fn != "hours")):
+        raise ConfigError(f"{where}: unknown placeholder {{{{{expr}}}}} (one of: cell|mean|n METHOD EVAL BUDGET "
+                          "[PRECISION], steps METHOD BUDGET [PRECISION], hours PHASE)")
+    precision = args[arity[fn]] if len(args) > arity[fn] else ""
+    args = args[: arity[fn]]
+    here = f"{where}: {{{{{expr}}}}}"
     if fn == "hours":
         return f"{_phase_hours(df, args[0]):.1f}"
     if fn == "steps":
         pre = df[(df["method"] == args[0]) & (df["eval"] == "pretrain") & (df["budget"] == args[1])]
+        pre = _one_precision(pre, precision, here)
         if pre.empty:
-            raise ConfigError(f"{where}: {{{{{expr}}}}}: no pre-training records of {args[0]} at {args[1]}")
+            raise ConfigError(f"{here}: no pre-training records of {args[0]} at {args[1]}")
         return f"{pre['steps'].mean():.0f}"
-    v = _select(df, *args)
+    v = _select(df, *args, precision=precision, where=here)
     if v.empty:
         raise ConfigError(f"{where}: {{{{{expr}}}}}: no records of {' '.join(args)}")
     if fn == "n":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from repro.config import ConfigError
@@ -84,3 +85,14 @@ def test_the_readme_results_block_quotes_only_generated_numbers(tmp_path: Path):
     (tmp_path / "results").symlink_to(ROOT / "results")
     planted.write_text(text.replace("49.80 ± 0.40", "49.90 ± 0.40", 1))
     assert [p for p in check_readme(planted) if "49.90" in p]
+
+
+def test_a_placeholder_never_averages_two_training_precisions(toy: Path):
+    recs, _ = read_all(toy / "records")
+    df = records_frame(recs)
+    bf16 = df[df["method"] == "micl"].assign(precision="bf16", value=df["value"] + 1)
+    both = records_frame(recs).assign(precision="fp32")
+    both = pd.concat([both, bf16], ignore_index=True)
+    with pytest.raises(ConfigError, match="several training precisions"):
+        render_notes("{{cell micl knn 90s}}", both, "NOTES.md")
+    assert render_notes("{{mean micl knn 90s fp32}} {{mean micl knn 90s bf16}}", both) == "41.0 42.0"
