@@ -82,7 +82,7 @@ def train_steps(name: str, overrides: dict, rank: int, world: int, wrap) -> tupl
         views, controlled = fixed_step_inputs(method, step)
         local = {k: v[rows] for k, v in controlled.items()}
         host = SimpleNamespace(model=lambda b, i, kw=local: model(b, i, **kw), cfg=cfg, method=method, device=CPU,
-                               autocast=False)
+                               precision="fp32")
         out = Trainer._step(host, step, Batch(tuple(v[rows] for v in views)), p, opt)
         losses.append(float(distributed.all_reduce_mean(out.loss.detach())))
     return losses, {k: v.detach().clone() for k, v in method.state_dict().items()}
