@@ -96,7 +96,7 @@ def render_placeholder(expr: str, df: pd.DataFrame, where: str = "") -> str:
         if pre.empty:
             raise ConfigError(f"{here}: no pre-training records of {args[0]} at {args[1]}")
         return f"{pre['steps'].mean():.0f}"
-    v = _select(df, *args, precision=precision, where=here)
+    v = _select(df, args[0], args[1], args[2], precision=precision, where=here)
     if v.empty:
         raise ConfigError(f"{where}: {{{{{expr}}}}}: no records of {' '.join(args)}")
     if fn == "n":
