@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+
+def say_line(line: str) -> None:
+    """Write one line to stderr in a single write(2): ranks that share a log file never split each other's lines."""
+    text = line.rstrip("\n") + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (pytest's capsys, a notebook): no fd to share
+        sys.stderr.write(text)
+        return
+    sys.stderr.flush()
+    os.write(fd, text.encode())
 
 
 class NonFiniteLoss(RuntimeError):

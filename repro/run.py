@@ -26,7 +26,7 @@ from repro.checkpoint import (
 )
 from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
-from repro.errors import NonFiniteLoss
+from repro.errors import NonFiniteLoss, say_line
 from repro.evaluate import evaluate
 from repro.lock import PREEMPTED_EXIT, Preempted, RunLocked
 from repro.pretrain import has_pretrain_record, pretrain, pretrain_record, random_init_export
@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except Preempted as e:
-        print(f"repro: {e}", file=sys.stderr)
+        say_line(f"repro: {e}")
         return PREEMPTED_EXIT
     except (ConfigError, BudgetError, DataError, CheckpointError, NonFiniteLoss, RunLocked) as e:
-        print(f"repro: error: {e}", file=sys.stderr)
+        say_line(f"repro: error: {e}")
         return 2
     finally:
         distributed.shutdown()

@@ -109,6 +109,7 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_the_run_resumes(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     text = (tmp_path / "torchrun.log").read_text()
+    # each rank writes its line in one write(2) (repro.errors.say_line), so the two never split each other
     stops = [ln for ln in text.splitlines() if ln.startswith("repro: stopped by SIGTERM at step")]
     assert len(stops) == 2 and len(set(stops)) == 1, text[-3000:]  # both ranks, the same boundary
     d, _ = logged(out)
