@@ -6,6 +6,11 @@
 #   scripts/cifar10_cpu.sh table     # six methods x seeds {0,1} at $F FLOPs, kNN + linear           (~60 min)
 #   scripts/cifar10_cpu.sh curve     # MiCL and MAE at F/9 and F/3, seeds {0,1}                      (~20 min)
 #   scripts/cifar10_cpu.sh finetune  # the table's exports + random-init fine-tuned, FT_SEEDS (0)   (~65 min)
+#   scripts/cifar10_cpu.sh decoders  # issue 26: MAE's decoder (2x128, 4x128, 4x256) at 5e13 FLOPs, seed 0, chosen on
+#                                    # held-out training images by the rule in results/cifar10-cpu/decoders/RULE.md
+#   scripts/cifar10_cpu.sh claim     # issue 26: MiCL and MAE at F/9, F/3, F, 10F/3, 10F x seeds 0 1 2 (+ the floor)
+#   scripts/cifar10_cpu.sh augment   # issue 26: MiCL without crop + flip (method.augment=none) at F and 10F x 3 seeds
+#                                    # (METHODS=, BUDGETS= and EVALS= narrow claim and augment, e.g. EVALS=none)
 #   scripts/cifar10_cpu.sh precision # fp32 vs bf16 training at $F: MiCL, MAE x 3 seeds (kNN + linear), the
 #                                    # other four methods x 1 seed (loss, img/s) -> results/cifar10-cpu-precision
 #
@@ -27,14 +32,10 @@ if [ ! -d "$DATA/train" ]; then
     mkdir -p "$DATA" && tar xzf "$tarball" -C "$DATA"
 fi
 
-budget() { $PY -c "import sys; print(f'{float(sys.argv[1]) * float(sys.argv[2]):.3g}flop')" "$F" "$1"; }
-
-case "${1:-}" in
-pilot)
-    # The pilot never sees the test images: 10% of each class of train/ becomes the pilot's val/ split.
-    HOLD=${HOLD:-/tmp/cifar10-holdout}
-    if [ ! -d "$HOLD/val" ]; then
-        $PY - "$DATA" "$HOLD" <<'EOF'
+# holdout_split DIR: DIR/train + DIR/val, symlinks to $DATA/train with the last 10% of each class as val/
+holdout_split() {
+    [ -d "$1/val" ] && return 0
+    $PY - "$DATA" "$1" <<'EOF'
 import os, sys
 from pathlib import Path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
@@ -48,7 +49,15 @@ for cls in sorted(p.name for p in (src / "train").iterdir() if p.is_dir()):
             if not link.exists():
                 os.symlink(f.resolve(), link)
 EOF
-    fi
+}
+
+budget() { $PY -c "import sys; print(f'{float(sys.argv[1]) * float(sys.argv[2]):.3g}flop')" "$F" "$1"; }
+
+case "${1:-}" in
+pilot)
+    # The pilot never sees the test images: 10% of each class of train/ becomes the pilot's val/ split.
+    HOLD=${HOLD:-/tmp/cifar10-holdout}
+    holdout_split "$HOLD"
     B=$(budget 0.3333)
     for lr in 1e-3 3e-3; do
         $RUN micl mae mocov3 mimco macrl --budget "$B" --evals knn --set train.base_lr=$lr --data "$HOLD" \
@@ -84,6 +93,33 @@ precision)
             --data "$DATA" --out "$RUNS/precision" --results "$PRES" --no-report
     done
     $PY -m repro.report --results "$PRES" --runs "$RUNS/precision"
+    ;;
+decoders)
+    # the pilot's data: 10% of each class of train/ is its val/ split (the "test" images of the pilot); its test/ is
+    # never read. One seed per decoder; the rule was committed before the runs (decoders/RULE.md).
+    DHOLD=${DHOLD:-/tmp/cifar10-holdout}
+    holdout_split "$DHOLD"
+    for dec in "2 128 4" "4 128 4" "4 256 8"; do
+        read -r depth dim heads <<<"$dec"
+        $RUN mae --budget "$(budget 3.3333)" --seeds 0 --evals "${EVALS:-knn,linear}" --data "$DHOLD" \
+            --set mae.decoder_depth="$depth" --set mae.decoder_dim="$dim" --set mae.decoder_heads="$heads" \
+            --out "$RUNS/decoders" --results "$RES/decoders" --no-report
+    done
+    $PY -m repro.report --results "$RES/decoders" --runs "$RUNS/decoders"
+    ;;
+claim)
+    # shellcheck disable=SC2086
+    for f in ${BUDGETS:-0.1111 0.3333 1 3.3333 10}; do
+        $RUN ${METHODS:-micl mae} --budget "$(budget "$f")" --seeds 0 1 2 --evals "${EVALS:-knn,linear}" \
+            --data "$DATA" --out "$RUNS/claim" --results "$RES" --no-report
+    done
+    ;;
+augment)
+    # shellcheck disable=SC2086
+    for f in ${BUDGETS:-1 10}; do
+        $RUN micl --budget "$(budget "$f")" --seeds 0 1 2 --evals "${EVALS:-knn,linear}" --set method.augment=none \
+            --data "$DATA" --out "$RUNS/claim" --results "$RES" --no-report
+    done
     ;;
 curve)
     for f in 0.3333 0.1111; do   # with F itself (the table): a factor of 9 from the smallest to the largest
