@@ -229,6 +229,11 @@ class RunConfig:
         if d["data"].get("decode") == "fast" or d["data"].get("path") is None:
             d["data"].pop("decode", None)  # the default (and irrelevant to built-in data): hashes of older runs hold
         d.pop("eval", None)  # evals are keyed separately; the pretraining run is the same
+        # method fields added after runs were published: at their default they leave those runs' hashes as they were
+        later = getattr(self.method_cfg, "added_after_publication", {})
+        for name, default in later.items():
+            if d["method_cfg"].get(name) == default:
+                d["method_cfg"].pop(name)
         if d["data"].get("path") is None:  # a new built-in generator is new data: runs of the old one do not resume
             d["data"]["builtin_version"] = BUILTIN_DATA_VERSION
         return d

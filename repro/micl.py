@@ -24,7 +24,7 @@ Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -53,6 +53,11 @@ class MiCLConfig(MethodConfig):
     """Images per InfoNCE group: the official per-GPU batch (batch 1800 x 4 GPUs). None = whole local batch."""
     crop_scale: tuple[float, float] = (0.2, 1.0)
     """RandomResizedCrop scale (official code, as MAE)."""
+    added_after_publication: ClassVar[dict[str, object]] = {"augment": "crop+flip"}
+    augment: str = "crop+flip"
+    """The view's hand-crafted augmentation: 'crop+flip' (the official code: RandomResizedCrop(crop_scale) and a
+    horizontal flip) or 'none' (the full image, resized, never flipped), to test the paper's claim that MiCL needs no
+    hand-crafted augmentation. Added after runs were published: omitted from the config hash at its default."""
     # official code defaults (main_pretrain.py of the OCL release): 4 GPUs x 1800, 200 epochs, blr 5e-5
     batch_size: int = 7200
     """Global batch: 1800 per GPU on 4 GPUs (official code)."""
@@ -75,6 +80,8 @@ class MiCLConfig(MethodConfig):
             raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.kappa < 0 or self.temperature <= 0:
             raise ConfigError("method.kappa must be >= 0 and method.temperature > 0")
+        if self.augment not in ("crop+flip", "none"):
+            raise ConfigError(f"method.augment must be 'crop+flip' or 'none', got {self.augment!r}")
         if self.loss_group_size is not None and self.loss_group_size < 2:
             raise ConfigError("method.loss_group_size must be >= 2 (or none)")
 
@@ -99,6 +106,8 @@ class MiCL(PretrainMethod):
 
     @property
     def views(self) -> ViewSpec:
+        if self.cfg.augment == "none":  # the whole image, resized to the input size: no crop, no flip
+            return ViewSpec(count=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
         return ViewSpec(count=1, scale=self.cfg.crop_scale)
 
     def encode_views(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:

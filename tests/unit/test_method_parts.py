@@ -13,7 +13,7 @@ from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT, mae_sincos_pos_embed, moco_sincos_pos_embed
 from repro.budget import BudgetError, split_budget
 from repro.checkpoint import CheckpointError
-from repro.config import ModelConfig
+from repro.config import ConfigError, ModelConfig
 from repro.losses import bank_info_nce, moco_contrastive, patch_info_nce
 from repro.masking import block_mask, random_block_mask
 from repro.method import Batch, StepInfo
@@ -29,6 +29,7 @@ from repro.views import (
     adjust_hue,
     apply_photometric,
     gaussian_blur,
+    pil_view_parts,
 )
 from tests.conftest import build_method
 
@@ -311,3 +312,28 @@ def test_split_budget(spec, expected):
 def test_split_budget_refuses_one_step():
     with pytest.raises(BudgetError):
         split_budget("1steps", 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- MiCL augmentation
+
+
+def test_micl_without_augmentation_sees_the_whole_image_unflipped():
+    """method.augment=none (the paper's no-hand-crafted-augmentation claim): the view is the image itself, on the
+    batched path as on torchvision's; the default keeps the official crop + flip, and the field at its default
+    leaves the config hash of every run from before it as it was."""
+    cfg, m = build_method("micl", **{"method.augment": "none"})
+    size = cfg.model.img_size
+    images = torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    (view,) = TensorAugment(m.views, size, mean, std)(images)
+    expected = (images.float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+    crop, _ = pil_view_parts(m.views, size, mean, std)
+    pil = TF.to_pil_image(images[0])
+    assert all(crop(pil).tobytes() == pil.tobytes() for _ in range(5))
+
+    cfg0, m0 = build_method("micl")
+    assert m0.views.scale == (0.2, 1.0) and m0.views.hflip == 0.5
+    assert "augment" not in cfg0.hash_inputs()["method_cfg"] and cfg.config_hash() != cfg0.config_hash()
+    with pytest.raises(ConfigError, match="method.augment"):
+        build_method("micl", **{"method.augment": "flip"})
