@@ -41,7 +41,7 @@ from repro.checkpoint import (
     read_export,
 )
 from repro.config import ConfigError
-from repro.data import DatasetSplits, FileImages, Split, balanced_subset
+from repro.data import DatasetSplits, FileImages, Split, balanced_subset, held_out_of_subset
 from repro.precision import PRECISIONS, autocast, cpu_has_native_bf16, resolve_precision
 from repro.records import ResultRecord, record_from_export
 from repro.sources import eval_batches
@@ -152,6 +152,7 @@ class EvalContext:
     disk_cache: bool = True
     """Cache features beside each export (``EXPORT_DIR/features/``) as well as in memory."""
     _cache: dict[Any, tuple[Features, ExportMeta]] | None = None
+    _held: dict[str, tuple[Tensor, Tensor]] | None = None
     _digests: dict[tuple[str, int], tuple[Split, str]] | None = None
 
     def _split_digest(self, name: str, split: Split, subset: int = 0) -> str:
@@ -195,6 +196,51 @@ class EvalContext:
                 meta, _ = read_export(export_dir, weights=False)
             self._cache = {key: (feats, meta)}  # one export at a time keeps memory flat
         return self._cache[key]
+
+    def held_out_features(self, export_dir: Path, s: FeatureSettings, n: int) -> tuple[Tensor, Tensor] | None:
+        """Features and labels of ``n`` training images outside ``s.train_subset`` (class-balanced, fixed by the
+        data alone: :func:`repro.data.held_out_of_subset`), extracted once and cached beside the export like the
+        others; None when the subset leaves fewer than ``n`` images out (or there is no subset)."""
+        split = held_out_of_subset(self.data.train, s.train_subset, n)
+        if split is None:
+            return None
+        export_dir = Path(export_dir)
+        precision = feature_precision(s.feature_precision, self.device)
+        key = feature_key(export_digest(export_dir), self.data.name, split_digest(split), "held-out",
+                          s.train_subset, precision)
+        if self._held is None or key not in self._held:
+            path = export_dir / CACHE_DIR / f"{key}.pt"
+            got = self._load_pair(path, key, len(split)) if self.disk_cache else None
+            if got is None:
+                model, meta = load_export(export_dir)
+                model.to(self.device)
+                t0 = time.perf_counter()
+                got = extract(model, split, meta, self, "held-out", s.feature_batch_size, precision)
+                log.info("features of %s: %d held-out training images in %.1fs (%s)", export_dir, len(split),
+                         time.perf_counter() - t0, precision)
+                if self.disk_cache:
+                    state = {"key": key, "x": got[0].cpu(), "y": got[1].cpu(), "digest": _tensor_digest(*got)}
+                    try:
+                        atomic_write(path, lambda p: torch.save(state, p))
+                    except (OSError, CheckpointError) as e:
+                        log.warning("%s: cannot cache features (%s)", path, e)
+            self._held = {key: got}  # one export at a time keeps memory flat
+        return self._held[key]
+
+    def _load_pair(self, path: Path, key: str, n: int) -> tuple[Tensor, Tensor] | None:
+        """Cached held-out (features, labels) at ``path`` if they load and fit ``key``; None (re-extract) otherwise."""
+        if not path.is_file():
+            return None
+        try:
+            d = torch.load(path, map_location=self.device, weights_only=True)
+            x, y = d["x"], d["y"]
+            if not (d["key"] == key and d["digest"] == _tensor_digest(x, y) and x.dtype == torch.float32
+                    and x.ndim == 2 and x.shape[0] == y.shape[0] == n):
+                raise ValueError("contents do not match the key, the split or the dtype")
+            return x, y
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt, foreign: never trusted, extracted again
+            log.warning("%s: unreadable feature cache (%s: %s); extracting again", path, type(e).__name__, e)
+            return None
 
     def _load(self, path: Path, key: str, n_train: int) -> Features | None:
         """The cached features at ``path`` if they load and fit ``key`` and the splits; None (re-extract) otherwise."""

@@ -4,14 +4,18 @@ Frozen encoder -> cls feature -> BatchNorm1d(affine=False, eps=1e-6) -> Linear (
 bias 0); LARS (momentum 0.9, trust ratio on weight matrices only, weight decay 0), lr = base_lr x batch / 256,
 10 warmup epochs then cosine over 90 epochs (MAE ``main_linprobe.py``).
 
-Selection: the base lr is chosen on a held-out ``eval.linear_holdout`` (5,000) of the training images
-(:func:`holdout_size` caps it for small training sets), the probes training on the rest. Every base lr of
+Selection: the base lr is chosen on ``eval.linear_holdout`` (5,000) held-out training images. Where
+``eval.train_subset`` leaves that many training images unused (CIFAR-10's 50k with a 10k subset), they are a
+class-balanced draw from outside the subset (``eval.linear_holdout_from=outside``): the probes train on the whole
+subset and the chosen lr's head is the final probe, with nothing retrained. Otherwise (or with ``inside``) they are
+taken from the probe's own training images (:func:`holdout_size` caps them for small sets), the probes training on
+the rest, and the chosen lr is retrained on the whole train split. Every base lr of
 ``eval.linear_base_lrs`` is trained in one pass (one head each, one shared BN; each head is exactly the probe a
 run with that lr alone would train: same init, same batches, and a BN without affine is input-only). When the
 best held-out accuracy sits on an edge of the grid the grid is widened on that side by its own ratio, one lr at a
 time, at most ``eval.linear_widenings`` times (only the new head is trained: it equals the head the first pass
-would have trained). The chosen lr is then retrained on the whole train split and reported on the test split at
-its last epoch. The test split never chooses anything. The record's ``selection`` states the final grid, any
+would have trained). The chosen probe is reported on the test split at its last epoch. The test split never
+chooses anything. The record's ``selection`` states the final grid, any
 widening, the held-out accuracy of every lr and the precision of the features.
 
 Deviation from MAE's protocol: features are extracted once from centre-cropped images and cached, so the
@@ -54,6 +58,10 @@ class Settings(FeatureSettings):
     linear_holdout: int = 5000
     """Training images held out to choose the base lr: min(linear_holdout, n // 5) of the n probe-training images
     (``eval.train_subset`` or the whole split), so small sets (the 5k built-in images: 1000) keep 80% to fit on."""
+    linear_holdout_from: str = "outside"
+    """Where the held-out images come from: 'outside' = training images outside ``eval.train_subset`` when it leaves
+    ``linear_holdout`` of them (else as 'inside'); 'inside' = min(linear_holdout, n // 5) of the probe's own n
+    training images, then the chosen lr retrained on all n."""
     linear_widenings: int = 3
     """How many times the lr grid may be extended (by its own end ratio) on the side where the chosen lr sits on
     its edge; 0 = never."""
@@ -65,6 +73,8 @@ class Settings(FeatureSettings):
             raise ConfigError("eval.linear_base_lrs must not be empty")
         if any(lr <= 0 for lr in lrs) or any(a >= b for a, b in zip(lrs, lrs[1:], strict=False)):
             raise ConfigError("eval.linear_base_lrs must be positive and strictly ascending")
+        if self.linear_holdout_from not in ("outside", "inside"):
+            raise ConfigError(f"eval.linear_holdout_from must be outside or inside, got {self.linear_holdout_from!r}")
         if self.linear_holdout < 1 or self.linear_widenings < 0:
             raise ConfigError("eval.linear_holdout must be >= 1 and eval.linear_widenings >= 0")
         if self.linear_epochs < 1 or self.linear_batch_size < 1 or self.linear_warmup_epochs < 0:
@@ -180,12 +190,19 @@ def holdout_split(n: int, k: int, seed: int) -> tuple[Tensor, Tensor]:
 @dataclass
 class Selection:
     """The outcome of the lr choice: the chosen base lr, the final (possibly widened) grid, every lr's held-out
-    accuracy and the lrs added by widening, in order."""
+    accuracy, the lrs added by widening (in order) and every lr's trained probe (its heads and the head's index)."""
 
     lr: float
     grid: list[float]
     val_acc: dict[float, float]
     widened: list[float]
+    probes: dict[float, tuple[ProbeHeads, int]]
+
+    @torch.no_grad()
+    def accuracy(self, x: Tensor, y: Tensor) -> float:
+        """Top-1 (%) of the chosen lr's probe on (x, y)."""
+        probes, i = self.probes[self.lr]
+        return (probes(x)[i].argmax(1) == y).float().mean().item() * 100
 
 
 def _edge_extension(grid: list[float], best: float) -> float | None:
@@ -205,20 +222,22 @@ def select_lr(x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, num_classes: int, cf
     """Choose the base lr by held-out accuracy (ties: the smaller lr), widening the grid when the choice sits on
     its edge (:data:`Settings.linear_widenings`)."""
     grid = list(cfg.linear_base_lrs)
-    val_acc = dict(zip(grid, accuracies(train_probes(x, y, num_classes, tuple(grid), cfg, seed), xv, yv),
-                       strict=True))
+    first = train_probes(x, y, num_classes, tuple(grid), cfg, seed)
+    probes = {lr: (first, i) for i, lr in enumerate(grid)}
+    val_acc = dict(zip(grid, accuracies(first, xv, yv), strict=True))
     widened: list[float] = []
     while len(widened) < cfg.linear_widenings:
         new = _edge_extension(grid, max(grid, key=lambda lr: val_acc[lr]))
         if new is None:
             break
-        val_acc[new] = accuracies(train_probes(x, y, num_classes, (new,), cfg, seed), xv, yv)[0]
+        probes[new] = (train_probes(x, y, num_classes, (new,), cfg, seed), 0)
+        val_acc[new] = accuracies(probes[new][0], xv, yv)[0]
         grid = sorted([*grid, new])
         widened.append(new)
-    return Selection(max(grid, key=lambda lr: val_acc[lr]), grid, val_acc, widened)
+    return Selection(max(grid, key=lambda lr: val_acc[lr]), grid, val_acc, widened, probes)
 
 
-def selection_text(sel: Selection, cfg: Settings, k: int, n: int) -> str:
+def selection_text(sel: Selection, cfg: Settings, k: int, n: int, outside: bool = False) -> str:
     """How the lr was chosen, for the record's ``selection`` field."""
     accs = ", ".join(f"{lr:g}: {sel.val_acc[lr]:.2f}" for lr in sel.grid)
     text = f"base_lr {sel.lr:g} chosen from {[float(f'{lr:g}') for lr in sel.grid]}"
@@ -227,14 +246,25 @@ def selection_text(sel: Selection, cfg: Settings, k: int, n: int) -> str:
                  f"{', '.join(f'{lr:g}' for lr in sel.widened)})")
     if _edge_extension(sel.grid, sel.lr) is not None:
         text += " (still on the grid's edge)"
+    tail = "; cached centre-crop features (no probe augmentation)"
+    if outside:
+        return (text + f" on {k} held-out training images outside the {n} the probes train on (held-out top1 per "
+                f"lr: {accs}); the chosen lr's probe, last epoch" + tail)
     return (text + f" on a held-out {k} of the {n} training images (held-out top1 per lr: {accs}); retrained on "
-            "all train, last epoch; cached centre-crop features (no probe augmentation)")
+            "all train, last epoch" + tail)
 
 
 def run(ctx: EvalContext, export_dir: Path, cfg: Settings) -> list[ResultRecord]:
     t0 = time.perf_counter()
     f, meta = ctx.features(export_dir, cfg)
     n = f.train_x.shape[0]
+    held = ctx.held_out_features(export_dir, cfg, cfg.linear_holdout) if cfg.linear_holdout_from == "outside" \
+        else None
+    if held is not None:  # probes fit on the whole subset; the chosen one is the result
+        sel = select_lr(f.train_x, f.train_y, held[0], held[1], f.num_classes, cfg, ctx.seed)
+        rule = selection_text(sel, cfg, held[0].shape[0], n, outside=True) + subset_note(ctx, cfg) + precision_note(f)
+        return [make_record(ctx, meta, "linear", "top1", sel.accuracy(f.test_x, f.test_y), rule,
+                            time.perf_counter() - t0)]
     k = holdout_size(n, cfg.linear_holdout)
     fit_idx, val_idx = holdout_split(n, k, ctx.seed)
     dev = f.train_x.device

@@ -381,21 +381,40 @@ def pil_load(transform):
     return load
 
 
-def balanced_subset(split: Split, n: int) -> Split:
-    """A class-balanced subset of ``n`` images (``n // classes`` per class, the rest to the first classes), drawn
-    with a fixed generator so it depends on the split alone; ``n`` = 0 or >= the split's size returns it whole."""
-    if n <= 0 or n >= len(split):
-        return split
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(split), generator=g)
-    labels = split.labels[order]
-    k = len(split.classes)
-    quota = torch.full((k,), n // k, dtype=torch.long)
-    quota[: n % k] += 1
-    keep = []
-    for c in range(k):
-        keep.append(order[labels == c][: int(quota[c])])
-    idx = torch.cat(keep).sort().values
+def balanced_indices(labels: Tensor, num_classes: int, n: int, seed: int = 0,
+                     among: Tensor | None = None) -> Tensor:
+    """Sorted indices of a class-balanced ``n`` of ``labels`` (``n // classes`` per class, the rest to the first
+    classes; a class with too few gives all it has), drawn with a generator fixed by ``seed``, from the positions
+    ``among`` (default: all)."""
+    pool = torch.arange(len(labels)) if among is None else among
+    order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    quota = torch.full((num_classes,), n // num_classes, dtype=torch.long)
+    quota[: n % num_classes] += 1
+    keep = [order[labels[order] == c][: int(quota[c])] for c in range(num_classes)]
+    return torch.cat(keep).sort().values
+
+
+def take(split: Split, idx: Tensor) -> Split:
+    """The images of ``split`` at positions ``idx``, in that order."""
     if isinstance(split, TensorImages):
         return TensorImages(split.images[idx], split.labels[idx], split.classes, split.skipped)
     return FileImages([split.paths[i] for i in idx.tolist()], split.labels[idx], split.classes, split.skipped)
+
+
+def balanced_subset(split: Split, n: int) -> Split:
+    """A class-balanced subset of ``n`` images (:func:`balanced_indices`, seed 0) that depends on the split alone;
+    ``n`` = 0 or >= the split's size returns it whole."""
+    if n <= 0 or n >= len(split):
+        return split
+    return take(split, balanced_indices(split.labels, len(split.classes), n))
+
+
+def held_out_of_subset(split: Split, subset: int, n: int) -> Split | None:
+    """A class-balanced ``n`` of the images :func:`balanced_subset` (``subset``) leaves out, fixed by the split
+    alone; None when no subset was taken or fewer than ``n`` images are left."""
+    if subset <= 0 or len(split) - subset < n or n < 1:
+        return None
+    inside = torch.zeros(len(split), dtype=torch.bool)
+    inside[balanced_indices(split.labels, len(split.classes), subset)] = True
+    outside = torch.nonzero(~inside).flatten()
+    return take(split, balanced_indices(split.labels, len(split.classes), n, seed=1, among=outside))

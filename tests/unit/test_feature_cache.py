@@ -140,3 +140,40 @@ def test_the_random_init_floor_is_one_export_evaluated_once_per_seed(data, tmp_p
     again = evaluate(first, ["linear"], context(data, **{**small, "linear_epochs": 3}), records)  # new setting
     assert len(again) == 1 and extractions == ["train", "test"]  # measured again, from the cached features
     assert len(read_records(records)[0]) == 3
+
+
+def test_the_linear_probe_chooses_on_images_outside_its_subset_and_keeps_the_chosen_head(data, export, extractions):
+    """eval.train_subset=40 of 64 images leaves 24: the lr is chosen on a class-balanced 20 of those (extracted once,
+    cached beside the export), the probes fit on all 40, and the reported probe is the chosen lr's head, which is
+    exactly the probe that lr alone trains on the 40 (nothing retrained)."""
+    import evals.linear as linear
+    from repro.data import balanced_subset, held_out_of_subset
+
+    values = dict(train_subset=40, linear_holdout=20, linear_epochs=4, linear_warmup_epochs=1, linear_batch_size=16,
+                  linear_base_lrs=(0.1, 1.0, 10.0), linear_widenings=0)
+    ctx = context(data, **values)
+    cfg = ctx.settings["linear"]
+    (rec,) = linear.run(ctx, export, cfg)
+    assert extractions == ["train", "test", "held-out"]
+    assert "on 20 held-out training images outside the 40 the probes train on" in rec.selection
+    assert "retrained" not in rec.selection
+    lr = float(rec.selection.split()[1])
+    f, _ = ctx.features(export, cfg)
+    alone = linear.train_probes(f.train_x, f.train_y, f.num_classes, (lr,), cfg, ctx.seed)
+    assert linear.accuracies(alone, f.test_x, f.test_y)[0] == rec.value
+
+    held = held_out_of_subset(data.train, 40, 20)
+    inside = set(balanced_subset(data.train, 40).images.flatten(1).sum(1).tolist())
+    assert held is not None and len(held) == 20 and not inside & set(held.images.flatten(1).sum(1).tolist())
+    counts = torch.bincount(held.labels, minlength=len(data.train.classes))
+    assert int(counts.max() - counts.min()) <= 1  # class-balanced
+    assert held_out_of_subset(data.train, 50, 20) is None and held_out_of_subset(data.train, 0, 20) is None
+
+    (again,) = linear.run(context(data, **values), export, cfg)  # a later command: every feature from the cache
+    assert extractions == ["train", "test", "held-out"] and again.value == rec.value
+
+    (old,) = linear.run(context(data, **values, linear_holdout_from="inside"), export,
+                        context(data, **values, linear_holdout_from="inside").settings["linear"])
+    assert "retrained on all train" in old.selection
+    assert eval_key("linear", context(data, **values)) != eval_key("linear", context(data, **values,
+                                                                                     linear_holdout_from="inside"))
