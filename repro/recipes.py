@@ -134,7 +134,8 @@ def cifar10_cpu(method: str) -> list[Override]:
         Override("train.base_lr", 1e-3, "pilot (results/cifar10-cpu-2026-11/NOTES.md): base lr 1e-3 or 3e-3 "
                  "(x batch/256) at 5e12 FLOPs, chosen per method by kNN on a held-out 10% of train, ties (< 0.5 "
                  "point) keeping 1e-3: 1e-3 won for MiCL 36.0/33.7, MoCo v3 31.0/29.7, MimCo 25.3/24.4, MACRL "
-                 "24.6/24.0; MAE tied 26.2/26.3. The paper base lrs (5e-5..1.5e-4) barely move a model in a few hundred steps"),
+                 "24.6/24.0; MAE tied 26.2/26.3. The paper base lrs (5e-5..1.5e-4) barely move a model in a few "
+                 "hundred steps"),
         Override("eval.feature_batch_size", 256, "measured fastest for fp32 ViT-Tiny features on 2 cores (297 img/s vs "
                  "269 at 1024)"),
         Override("eval.train_subset", 10000, "a frozen-feature pass costs a forward per image (~300 img/s here): a "
