@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from evals import dense
 from evals.registry import EVALS, eval_settings, normalized
 from repro import distributed, monitor
 from repro.budget import BudgetError, parse_budget
@@ -141,7 +142,7 @@ def _main(args: argparse.Namespace) -> int:
     monitor.select(args.log or ("tensorboard",))  # process state: the config holds only the on/off switch
     if args.log:
         sets["train.tensorboard"] = "true"
-    dense_tasks = [e for e in evals if e in ("ade20k", "coco")]
+    dense_tasks = [e for e in evals if e in dense.TASKS]
     idle = [k for k in sets if k.split(".", 1)[0] in METHODS and k.split(".", 1)[0] not in args.methods]
     if idle:
         raise ConfigError(f"--set {idle[0]}: {idle[0].split('.', 1)[0]} is not among the methods being run")

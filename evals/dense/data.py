@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evals.dense.options import ADE_IGNORE, ADE_NUM_CLASSES, DenseError
+from evals.dense.options import DenseError
 
+ADE_NUM_CLASSES = 150
+"""ADE20K's classes: label values 1..150 (0 = unlabelled, ignored)."""
+ADE_IGNORE = 255
+"""The label value the loss and the metric ignore (unlabelled 0 becomes 255 under ``reduce_zero_label``)."""
 SCAN_LIMIT = 500
 """Label maps per split checked up front (all of them for small datasets)."""
 

@@ -1,6 +1,8 @@
-"""The launcher shared by ``python -m evals.segmentation`` (ADE20K) and ``python -m evals.detection`` (COCO).
+"""The launcher of every dense task: ``python -m evals.dense TASK``, and ``python -m evals.segmentation`` (ADE20K) /
+``python -m evals.detection`` (COCO), which call :func:`main` with their task.
 
-Validates the export and the data, builds the native config + :func:`evals.dense.options.cfg_options`, trains
+Validates the export and the data (the task's check), builds the task's native config +
+:func:`evals.dense.options.cfg_options`, trains
 with mmengine's ``Runner`` (resuming from the work directory's last checkpoint), tests once on the validation
 split, and appends the numbers as result records to ``RESULTS/records/<pretraining dataset>.jsonl``, where the
 report puts them in the same row as the export's kNN / linear / fine-tune numbers.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -25,50 +28,32 @@ from typing import Any
 
 import torch
 
-from evals.dense.data import check_ade_root, check_coco_root
-from evals.dense.options import (
-    DenseError,
-    DenseJob,
-    cfg_options,
-    read_geometry,
-    recipes_for,
-)
+from evals.dense.options import DenseError, DenseJob, cfg_options, read_geometry
+from evals.dense.tasks import TASKS
 from repro.checkpoint import CheckpointError, atomic_write_text, read_export
 from repro.config import ConfigError, coerce, parse_set_args
 from repro.records import ResultRecord, append_records
 
-CONFIGS = {
-    "ade20k": Path(__file__).resolve().parents[1] / "segmentation" / "configs" / "upernet_vit_ade20k.py",
-    "coco": Path(__file__).resolve().parents[1] / "detection" / "configs" / "mask_rcnn_vit_coco.py",
-}
-MODULE = {"ade20k": "evals.segmentation", "coco": "evals.detection"}
-DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "coco": ("train2017", "val2017")}
-METRICS = {
-    # record metric <- (mm metric key, scale to percent)
-    "ade20k": {"mIoU": ("mIoU", 1.0), "mAcc": ("mAcc", 1.0)},
-    "coco": {"box_AP": ("coco/bbox_mAP", 100.0), "mask_AP": ("coco/segm_mAP", 100.0)},
-}
 INSTALL_HINT = "pip install -e '.[dense]' (mmengine 0.10.7, mmsegmentation 1.2.2, mmdet 3.3.0, mmcv-lite 2.1.0)"
 
 
 def build_parser(task: str, doc: str | None) -> argparse.ArgumentParser:
-    recipes = recipes_for(task)
-    train, val = DEFAULT_SPLITS[task]
+    t = TASKS[task]
+    recipes = t.recipes
+    train, val = t.splits
     fields = ", ".join(f.name for f in dataclasses.fields(next(iter(recipes.values())))
                        if f.name not in ("name", "task"))
     p = argparse.ArgumentParser(
-        prog=f"python -m {MODULE[task]}", description=(doc or "").strip().split("\n\n")[0],
+        prog=f"python -m {t.prog}", description=(doc or "").strip().split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Recipe fields settable with --set: {fields}.\n"
                f"Needs the dense extra: {INSTALL_HINT}.\n"
-               "The native config is " + str(CONFIGS[task].relative_to(Path.cwd()) if CONFIGS[task].is_relative_to(
-                   Path.cwd()) else CONFIGS[task]) + "; everything the launcher changes in it is printed at start.\n"
-               f"Errors print one line `{MODULE[task]}: error: ...` and exit with status 2.")
+               "The native config is " + str(t.config.relative_to(Path.cwd()) if t.config.is_relative_to(
+                   Path.cwd()) else t.config) + "; everything the launcher changes in it is printed at start.\n"
+               f"Errors print one line `{t.prog}: error: ...` and exit with status 2.")
     p.add_argument("--export", required=True, type=Path, metavar="DIR",
                    help="export directory (backbone.safetensors + backbone.json), e.g. a run directory of repro.run")
-    p.add_argument("--data", required=True, type=Path, metavar="ROOT",
-                   help="ADEChallengeData2016 folder" if task == "ade20k" else
-                   "COCO folder with annotations/instances_<split>.json and <split>/ images")
+    p.add_argument("--data", required=True, type=Path, metavar="ROOT", help=t.data_hint)
     p.add_argument("--recipe", default=task, choices=sorted(recipes),
                    help=f"schedule (default {task}: the paper's; tiny: a few iterations for smoke tests)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
@@ -89,7 +74,8 @@ def build_parser(task: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def make_job(task: str, args: argparse.Namespace) -> DenseJob:
-    recipe = recipes_for(task)[args.recipe]
+    t = TASKS[task]
+    recipe = t.recipes[args.recipe]
     changes: dict[str, Any] = {}
     hints = typing.get_type_hints(type(recipe))
     for k, v in parse_set_args(args.sets).items():
@@ -103,11 +89,8 @@ def make_job(task: str, args: argparse.Namespace) -> DenseJob:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device available")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if task == "ade20k":
-        check_ade_root(args.data, args.train_split, args.val_split)
-    else:
-        check_coco_root(args.data, args.train_split, args.val_split, coco_classes())
-    job = DenseJob(task=task, export=args.export.resolve(), data_root=args.data.resolve(),
+    t.check_data(args.data, args.train_split, args.val_split)
+    job = DenseJob(task=t, export=args.export.resolve(), data_root=args.data.resolve(),
                    work_dir=Path(args.work_dir or args.export).resolve(), recipe=recipe, geometry=geometry,
                    train_split=args.train_split, val_split=args.val_split, seed=args.seed, cuda=cuda,
                    world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -120,16 +103,6 @@ def job_hash(job: DenseJob) -> str:
     """Names the default work directory: a changed recipe, split or seed never resumes another job's run."""
     opts = {k: v for k, v in cfg_options(job).items() if k != "work_dir"}
     return hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def coco_classes() -> tuple[str, ...]:
-    """The 80 class names mmdet's CocoDataset trains and scores (imports mmdet, so the mmcv shim first)."""
-    from evals.dense.mmcv_ext import install
-
-    install()
-    from mmdet.datasets import CocoDataset
-
-    return tuple(CocoDataset.METAINFO["classes"])
 
 
 def _trust_own_checkpoints(work_dir: Path) -> None:
@@ -157,14 +130,10 @@ def run_job(job: DenseJob) -> dict[str, float]:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    if job.task == "ade20k":
-        from mmseg.utils import register_all_modules
-    else:
-        from mmdet.utils import register_all_modules  # type: ignore[no-redef]
-    register_all_modules(init_default_scope=True)
+    importlib.import_module(f"{job.task.mm_package}.utils").register_all_modules(init_default_scope=True)
     import evals.dense.vit  # noqa: F401  (registers ReproViT & co.)
 
-    cfg = Config.fromfile(str(CONFIGS[job.task]))
+    cfg = Config.fromfile(str(job.task.config))
     opts = cfg_options(job)
     cfg.merge_from_dict(opts)
     cfg.launcher = "pytorch" if job.world_size > 1 else "none"
@@ -189,16 +158,12 @@ def job_records(job: DenseJob, metrics: dict[str, float], seconds: float) -> lis
             f"layer decay {r.layer_decay:g}; last iteration evaluated once on {job.val_split} "
             "(single scale); nothing selected")
     out = []
-    note = ""
-    if job.task == "coco" and not any(k.startswith("coco/") for k in metrics):
-        # mmdet's CocoMetric returns nothing when no box scored above score_thr on the whole split; COCO AP of
-        # an empty detection list over annotated images is 0.
-        metrics = {**metrics, **{key: 0.0 for key, _ in METRICS["coco"].values()}}
-        note = f"no detection scored above {r.score_thr:g} on {job.val_split}: AP is 0"
-    for metric, (key, scale) in METRICS[job.task].items():
+    metrics, note = job.task.fill_metrics(job, metrics)
+    for metric, (key, scale) in job.task.metrics.items():
         if key not in metrics:
-            raise DenseError(f"{job.work_dir}: the {job.task} test pass reported no {key!r} (got {sorted(metrics)})")
-        rec = export_record(meta, meta.dataset or "unknown", job.task, metric, metrics[key] * scale, rule, seconds)
+            raise DenseError(f"{job.work_dir}: the {job.task.name} test pass reported no {key!r} (got "
+                             f"{sorted(metrics)})")
+        rec = export_record(meta, meta.dataset or "unknown", job.task.name, metric, metrics[key] * scale, rule, seconds)
         out.append(dataclasses.replace(rec, note=note))
     return out
 
@@ -218,8 +183,9 @@ def _one_line(e: BaseException) -> str:
 
 def main(task: str, doc: str | None, argv: list[str] | None = None,
          evaluate_fn: Callable[[DenseJob], list[ResultRecord]] = evaluate) -> int:
+    t = TASKS[task]
     args = build_parser(task, doc).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"[{MODULE[task]}] %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format=f"[{t.prog}] %(message)s", stream=sys.stderr)
     try:
         job = make_job(task, args)
         if args.device == "cpu":
@@ -233,12 +199,12 @@ def main(task: str, doc: str | None, argv: list[str] | None = None,
             else:
                 append_records(args.results / "records" / f"{records[0].dataset}.jsonl", records)
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("mmengine", "mmcv", "mmseg", "mmdet", "pycocotools"):
-            print(f"{MODULE[task]}: error: {e.name} is not installed; {INSTALL_HINT}", file=sys.stderr)
+        if e.name and e.name.split(".")[0] in t.requires:
+            print(f"{t.prog}: error: {e.name} is not installed; {INSTALL_HINT}", file=sys.stderr)
             return 2
         raise
     except (DenseError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"{MODULE[task]}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{t.prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     for r in records:
         print(f"{r.eval} {r.metric} = {r.value:.2f}  ({r.method}, {r.model}, {r.eval_seconds:.1f}s)")

@@ -44,7 +44,7 @@ def export8(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_names() -> tuple[str, ...]:
-    from evals.dense.launch import coco_classes
+    from evals.dense.tasks import coco_classes
 
     return coco_classes()
 

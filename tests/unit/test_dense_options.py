@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,22 +23,29 @@ from safetensors.torch import save_file
 
 import evals.dense as dense
 import evals.dense.launch as launch
+import evals.dense.tasks as tasks
 from evals.dense.data import ade_pairs, check_ade_label_map, check_ade_root, check_coco_root
 from evals.dense.launch import build_parser, job_hash, job_records, main, make_job, read_geometry
 from evals.dense.options import (
-    DET_RECIPES,
-    SEG_RECIPES,
     DenseError,
     DenseJob,
     DenseRecipe,
+    DenseTask,
     ViTGeometry,
-    _schedule,
     cfg_options,
     check_geometry,
-    det_pipelines,
-    recipes_for,
-    seg_pipelines,
     vit_geometry,
+)
+from evals.dense.tasks import (
+    ADE20K,
+    COCO,
+    DET_RECIPES,
+    SEG_RECIPES,
+    TASKS,
+    ade_schedule,
+    coco_schedule,
+    det_pipelines,
+    seg_pipelines,
 )
 from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS
 from repro.config import ConfigError
@@ -81,14 +88,14 @@ def ade(tmp_path_factory) -> Path:
 
 
 def ade_job(recipe: DenseRecipe = SEG_RECIPES["ade20k"], geometry: ViTGeometry = VIT_B, **kw) -> DenseJob:
-    args = dict(task="ade20k", export=Path("/exports/vitb"), data_root=Path("/data/ADEChallengeData2016"),
+    args = dict(task=ADE20K, export=Path("/exports/vitb"), data_root=Path("/data/ADEChallengeData2016"),
                 work_dir=Path("/work/ade"), recipe=recipe, geometry=geometry, train_split="training",
                 val_split="validation", world_size=8, cuda=True)
     return DenseJob(**{**args, **kw})
 
 
 def coco_job(recipe: DenseRecipe = DET_RECIPES["coco"], geometry: ViTGeometry = VIT_B, **kw) -> DenseJob:
-    args = dict(task="coco", export=Path("/exports/vitb"), data_root=Path("/data/coco"), work_dir=Path("/work/coco"),
+    args = dict(task=COCO, export=Path("/exports/vitb"), data_root=Path("/data/coco"), work_dir=Path("/work/coco"),
                 recipe=recipe, geometry=geometry, train_split="train2017", val_split="val2017", world_size=16,
                 cuda=True)
     return DenseJob(**{**args, **kw})
@@ -158,12 +165,28 @@ def test_read_geometry_of_exports(export, tmp_path):
 # ADE20K options -----------------------------------------------------------------------------------------------------
 
 
-def test_recipes_for():
-    assert recipes_for("ade20k") is SEG_RECIPES and recipes_for("coco") is DET_RECIPES
+def test_task_records_and_their_recipes():
+    assert TASKS["ade20k"] is ADE20K and TASKS["coco"] is COCO and all(TASKS[n].name == n for n in TASKS)
+    assert ADE20K.recipes is SEG_RECIPES and COCO.recipes is DET_RECIPES
     assert all(r.task == "ade20k" for r in SEG_RECIPES.values()) and all(r.task == "coco" for r in DET_RECIPES.values())
     assert all(r.name == k for rs in (SEG_RECIPES, DET_RECIPES) for k, r in rs.items())
-    with pytest.raises(DenseError, match="voc"):
-        recipes_for("voc")
+    for t in TASKS.values():
+        assert t.config.is_file() and t.name in t.recipes, t.name
+    for t in (ADE20K, COCO):
+        assert t.argv == ("-m", t.module) and t.prog == t.module
+    # a record whose recipes do not belong to it is refused when it is made
+    with pytest.raises(ValueError, match="'voc'"):
+        replace(ADE20K, name="voc")
+    with pytest.raises(ValueError, match="'ade20k'"):
+        replace(ADE20K, recipes={"ade20k": SEG_RECIPES["ade20k"], "tiny": DET_RECIPES["tiny"]})
+    # a task without a package of its own runs as `python -m evals.dense <name>`
+    voc = DenseTask(**{**{f: getattr(ADE20K, f) for f in ("config", "mm_package", "requires", "data_hint", "splits",
+                                                              "metrics", "check_data", "options")},
+                       "name": "voc", "recipes": {"voc": replace(SEG_RECIPES["ade20k"], name="voc", task="voc")}})
+    assert voc.argv == ("-m", "evals.dense", "voc") and voc.prog == "evals.dense voc"
+    assert [f.name for f in fields(voc.settings)] == [
+        "voc_data", "voc_recipe", "voc_train_split", "voc_val_split"]
+    assert voc.settings().voc_recipe == "voc"
 
 
 def test_ade_cfg_options_paper_recipe():
@@ -327,19 +350,22 @@ def test_cfg_options_errors():
 # schedules ----------------------------------------------------------------------------------------------------------
 
 
+SCHEDULES = {"ade20k": ade_schedule, "coco": coco_schedule}
+
+
 @pytest.mark.parametrize("task", ["ade20k", "coco"])
 @pytest.mark.parametrize("warmup", [0, 1])
 def test_no_linear_warmup_below_two_steps(task, warmup):
-    r = replace(recipes_for(task)[task], warmup_iters=warmup)
-    sched = _schedule(r)
+    r = replace(TASKS[task].recipes[task], warmup_iters=warmup)
+    sched = SCHEDULES[task](r)
     assert [s["type"] for s in sched] == ["PolyLR" if task == "ade20k" else "MultiStepLR"]
     assert sched[0]["begin"] == 0 and sched[0]["end"] == r.iters
 
 
 @pytest.mark.parametrize("task", ["ade20k", "coco"])
 def test_linear_warmup_of_two_steps(task):
-    r = replace(recipes_for(task)[task], warmup_iters=2)
-    lin, main_sched = _schedule(r)
+    r = replace(TASKS[task].recipes[task], warmup_iters=2)
+    lin, main_sched = SCHEDULES[task](r)
     assert lin["type"] == "LinearLR" and (lin["begin"], lin["end"]) == (0, 2)
     assert main_sched["begin"] == (2 if task == "ade20k" else 0) and main_sched["end"] == r.iters
 
@@ -347,7 +373,7 @@ def test_linear_warmup_of_two_steps(task):
 @pytest.mark.parametrize("iters", [1, 2, 1000, 1500])
 def test_ade_schedule_valid_when_run_is_shorter_than_warmup(iters):
     r = replace(SEG_RECIPES["ade20k"], iters=iters)  # warmup_iters 1500
-    for s in _schedule(r):
+    for s in ade_schedule(r):
         assert s["end"] > s["begin"], s  # mmengine's _ParamScheduler raises otherwise
         if s["type"] == "LinearLR":
             assert s["end"] - s["begin"] >= 2, s
@@ -581,13 +607,14 @@ def test_command_round_trips_through_the_launcher_parser(task, tmp_path):
                      coco_train_split="tr-c", coco_val_split="va-c")
     out = tmp_path / "records.json"
     cmd = dense.command(cfg[task], task, tmp_path / "exp", "cpu", out)
-    assert cmd[0] == sys.executable and cmd[1:3] == ["-m", dense.TASKS[task].module]
+    argv = dense.TASKS[task].argv
+    assert cmd[0] == sys.executable and tuple(cmd[1:1 + len(argv)]) == argv == ("-m", dense.TASKS[task].module)
     suffix = "a" if task == "ade20k" else "c"
     for flag, value in (("--export", str(tmp_path / "exp")), ("--data", str(tmp_path / task)), ("--recipe", "tiny"),
                         ("--train-split", f"tr-{suffix}"), ("--val-split", f"va-{suffix}"), ("--device", "cpu"),
                         ("--records-out", str(out))):
         assert cmd[cmd.index(flag) + 1] == value
-    args = build_parser(task, None).parse_args(cmd[3:])  # everything repro.run passes, the launcher accepts
+    args = build_parser(task, None).parse_args(cmd[1 + len(argv):])  # everything repro.run passes, the launcher accepts
     assert (args.export, args.data, args.recipe, args.records_out) == (tmp_path / "exp", tmp_path / task, "tiny", out)
     assert (args.train_split, args.val_split, args.device) == (f"tr-{suffix}", f"va-{suffix}", "cpu")
 
@@ -621,7 +648,7 @@ def test_main_ade_appends_records(export, ade, tmp_path, capsys):
     results = tmp_path / "results"
     assert main("ade20k", None, ade_argv(export, ade, results), evaluate_fn=fake_ade(seen)) == 0
     (job,) = seen
-    assert job.task == "ade20k" and job.recipe.name == "tiny" and not job.cuda
+    assert job.task is ADE20K and job.recipe.name == "tiny" and not job.cuda
     recs, problems = read_records(results / "records" / "fixture-data.jsonl")
     assert not problems
     assert {r.metric: r.value for r in recs} == {"mIoU": 41.5, "mAcc": 52.0}
@@ -691,7 +718,7 @@ def test_main_bad_sets_one_line(export, ade, tmp_path, capsys, extra, needle):
 
 def test_main_coco(export, tmp_path, monkeypatch, capsys):
     data = make_coco(tmp_path / "coco", COCO_NAMES, n=2)
-    monkeypatch.setattr(launch, "coco_classes", lambda: COCO_NAMES)
+    monkeypatch.setattr(tasks, "coco_classes", lambda: COCO_NAMES)
     seen: list[DenseJob] = []
 
     def fake(job):
@@ -707,7 +734,7 @@ def test_main_coco(export, tmp_path, monkeypatch, capsys):
     assert {r.metric: r.value for r in recs} == pytest.approx({"box_AP": 40.3, "mask_AP": 36.1})
     assert all(r.eval == "coco" and r.note == "" for r in recs)
     capsys.readouterr()
-    monkeypatch.setattr(launch, "coco_classes", lambda: (*COCO_NAMES, "zebra"))
+    monkeypatch.setattr(tasks, "coco_classes", lambda: (*COCO_NAMES, "zebra"))
     assert main("coco", None, ade_argv(export, data, results), evaluate_fn=fake) == 2
     assert "zebra" in one_error_line(capsys, "evals.detection")
     assert len(seen) == 1
