@@ -1,5 +1,8 @@
 """Budgets: parse ``3m`` / ``133h`` / ``300ep`` / ``5000steps`` / ``2e18flop`` and turn them into a step count.
 
+A budget string is parsed once, where it enters the program (:func:`parse_budget`, called by the config when
+``--budget`` or ``--set budget.spec=`` is applied), into a :class:`Budget`; every later stage receives that value.
+
 A wall-clock budget means *pre-training time on the hardware the run is given*. The trainer times a
 few warm steps (``Trainer._calibrate`` in :mod:`repro.trainer`, giving a :class:`Calibration`), converts
 the budget into a fixed ``total_steps`` (:func:`steps_for_budget`) that every rank uses, builds the LR
@@ -26,15 +29,20 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
+    """A parsed budget: what it is (kind), how much (amount) and how the user wrote it (text)."""
+
     kind: BudgetKind
     amount: float
     """Seconds for 'time', epochs, steps, or FLOPs."""
-    spec: str
-    """The string the user gave, kept for records and run names."""
+    text: str
+    """The string the user gave, kept for records and run names (and the config hash)."""
 
     @property
     def seconds(self) -> float | None:
         return self.amount if self.kind == "time" else None
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def parse_budget(spec: str) -> Budget:
@@ -103,18 +111,22 @@ def format_seconds(s: float) -> str:
     return f"{s / 3600:.1f}h"
 
 
-def split_budget(spec: str, fraction: float) -> tuple[str, str]:
+def split_budget(budget: Budget, fraction: float) -> tuple[Budget, Budget]:
     """Split a budget into two stages (MimCo: teacher, then student): ``fraction`` to the first stage.
 
-    Returns two budget strings of the same kind; step budgets are rounded, each stage keeping at least 1 step.
+    Two budgets of the same kind, written as a user would write them (``120s``, ``150ep``, ``1e+18flop``; amounts to
+    6 significant digits, each exactly what its text says); step budgets are rounded, each stage keeping at least 1
+    step.
     """
-    b = parse_budget(spec)
     if not 0.0 < fraction < 1.0:
         raise BudgetError(f"stage split {fraction}: must be in (0, 1)")
-    if b.kind == "steps":
-        if b.amount < 2:
-            raise BudgetError(f"--budget {spec!r}: two stages need at least 2 steps")
-        first = min(int(b.amount) - 1, max(1, round(b.amount * fraction)))
-        return f"{first}steps", f"{int(b.amount) - first}steps"
-    unit = {"time": "s", "epochs": "ep", "flop": "flop"}[b.kind]
-    return f"{b.amount * fraction:.6g}{unit}", f"{b.amount * (1 - fraction):.6g}{unit}"
+    if budget.kind == "steps":
+        total = int(budget.amount)
+        if total < 2:
+            raise BudgetError(f"--budget {budget.text!r}: two stages need at least 2 steps")
+        first = min(total - 1, max(1, round(budget.amount * fraction)))
+        return Budget("steps", float(first), f"{first}steps"), Budget("steps", float(total - first),
+                                                                      f"{total - first}steps")
+    unit = {"time": "s", "epochs": "ep", "flop": "flop"}[budget.kind]
+    parts = (f"{budget.amount * fraction:.6g}", f"{budget.amount * (1 - fraction):.6g}")
+    return Budget(budget.kind, float(parts[0]), parts[0] + unit), Budget(budget.kind, float(parts[1]), parts[1] + unit)

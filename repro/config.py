@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Union
 
+from repro.budget import Budget, BudgetError, parse_budget
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names it."""
@@ -136,8 +138,9 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig:
-    spec: str = "3m"
-    """Pre-training budget per method: 90s, 3m, 2h, 2d (wall-clock), 300ep, 5000steps, 2e18flop."""
+    spec: Budget = Budget("time", 180.0, "3m")
+    """Pre-training budget per method: 90s, 3m, 2h, 2d (wall-clock), 300ep, 5000steps, 2e18flop. Parsed once, as it
+    is set (``--budget``, ``--set budget.spec=``; :func:`coerce`); stored and hashed as the text the user gave."""
     calib_warmup_steps: int = 2
     """Untimed steps before calibration (allocator, autotuning, compile)."""
     calib_min_steps: int = 5
@@ -179,9 +182,11 @@ class RunConfig:
     _SECTIONS = ("model", "data", "train", "budget", "eval")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"method": self.method, "recipe": self.recipe, "seed": self.seed, "method_cfg": _asdict(self.method_cfg)}
+        d: dict[str, Any] = {"method": self.method, "recipe": self.recipe, "seed": self.seed,
+                             "method_cfg": _asdict(self.method_cfg)}
         for name in self._SECTIONS:
             d[name] = self.eval.as_dict() if name == "eval" else _asdict(getattr(self, name))
+        d["budget"]["spec"] = self.budget.spec.text  # as the user wrote it (config.json, the hash)
         return d
 
     def train_device(self) -> str:
@@ -299,6 +304,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is Budget:  # the one place a budget string is parsed (repro.budget)
+        return value if isinstance(value, Budget) else parse_budget(str(value))
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -319,7 +326,7 @@ def _replace_field(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
     if len(path) == 1:
         try:
             return replace(obj, **{head: coerce(value, hints[head], full_key)})  # type: ignore[type-var]
-        except ConfigError:
+        except (ConfigError, BudgetError):  # a budget's message names --budget and the text, as the user typed it
             raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{full_key}: {e}") from None

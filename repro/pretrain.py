@@ -13,7 +13,7 @@ import torch
 
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
-from repro.budget import parse_budget, split_budget
+from repro.budget import Budget, split_budget
 from repro.checkpoint import (
     CHECKPOINT,
     EXPORT_META,
@@ -48,9 +48,9 @@ log = logging.getLogger("repro")
 
 def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict,
                 precision: str = "") -> ExportMeta:
-    budget = parse_budget(cfg.budget.spec)
+    budget = cfg.budget.spec
     return backbone.export_meta(
-        mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=cfg.budget.spec,
+        mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=budget.text,
         budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
         dataset=data.name, seed=cfg.seed, precision=precision, extra=extra,
     )
@@ -89,32 +89,32 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
                 "this budget)")
         return _finish_export(run_dir, replace(meta, extra={**meta.extra, "note": note}), dist_info)
     teacher_method = pre.method
-    s1_spec, s2_spec = split_budget(cfg.budget.spec, getattr(cfg.method_cfg, pre.fraction_field))
-    s1_cfg = stage_config(teacher_method, cfg, s1_spec)
+    s1_budget, s2_budget = split_budget(cfg.budget.spec, getattr(cfg.method_cfg, pre.fraction_field))
+    s1_cfg = stage_config(teacher_method, cfg, s1_budget)
     s1_dir = run_dir / f"stage1-{teacher_method}"
     if dist_info.rank == 0:
         log.info("%s: stage 1 = %s teacher on %s of the %s budget, stage 2 = student on %s", cfg.method,
-                 teacher_method, s1_spec, cfg.budget.spec, s2_spec)
+                 teacher_method, s1_budget, cfg.budget.spec, s2_budget)
     s1 = pretrain(s1_cfg, data, dist_info, s1_dir, progress, records_path, wait=wait)
     distributed.barrier()  # the teacher export is written by rank 0
-    s2_cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(s1_dir.resolve()), "budget.spec": s2_spec})
+    s2_cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(s1_dir.resolve()), "budget.spec": s2_budget})
     s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
     x1, x2 = s1.extra, s2.extra
     t1, t2 = float(x1.get("pretrain_seconds") or 0.0), float(x2.get("pretrain_seconds") or 0.0)
-    note = (f"budget {cfg.budget.spec} = stage 1 {teacher_method} teacher {s1_spec} ({s1.steps} steps, {t1:.0f}s) "
-            f"+ stage 2 student {s2_spec} ({s2.steps} steps, {t2:.0f}s)")
+    note = (f"budget {cfg.budget.spec} = stage 1 {teacher_method} teacher {s1_budget} ({s1.steps} steps, {t1:.0f}s) "
+            f"+ stage 2 student {s2_budget} ({s2.steps} steps, {t2:.0f}s)")
     extra = {**x2, "pretrain_seconds": t1 + t2, "device_hours": float(x1.get("device_hours") or 0.0)
              + float(x2.get("device_hours") or 0.0), "note": note,
-             "stage1": {"method": teacher_method, "budget": s1_spec, "steps": s1.steps, "seconds": t1,
+             "stage1": {"method": teacher_method, "budget": s1_budget.text, "steps": s1.steps, "seconds": t1,
                         "final_loss": x1.get("final_loss"), "export": str(s1_dir)},
-             "stage2": {"budget": s2_spec, "steps": s2.steps, "seconds": t2}}
-    budget = parse_budget(cfg.budget.spec)
-    meta = replace(s2, budget=cfg.budget.spec, budget_seconds=budget.seconds, config_hash=cfg.config_hash(),
+             "stage2": {"budget": s2_budget.text, "steps": s2.steps, "seconds": t2}}
+    budget = cfg.budget.spec
+    meta = replace(s2, budget=budget.text, budget_seconds=budget.seconds, config_hash=cfg.config_hash(),
                    extra=extra)
     return _finish_export(run_dir, meta, dist_info)
 
 
-def stage_config(method: str, parent: RunConfig, budget: str) -> RunConfig:
+def stage_config(method: str, parent: RunConfig, budget: Budget) -> RunConfig:
     """The config of a stage another method runs first: its own paper defaults and recipe overrides, the
     parent's model, data, training, evaluation and seed settings, and its share of the budget."""
     cfg = build_config(method, parent.recipe, keys=lambda k: k.startswith("method."))
@@ -150,7 +150,7 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
         if dist_info.rank == 0:
             # the label every successful row of this run uses, so a failure lands in the same table row
             rec = ResultRecord(method=cfg.method, model=model_label(cfg.model.name, cfg.model.timm_kwargs()),
-                               dataset=data.name, budget=cfg.budget.spec,
+                               dataset=data.name, budget=cfg.budget.spec.text,
                                eval="pretrain", metric="final_loss", value=float("nan"), seed=cfg.seed,
                                status="failed", note=str(e), config_hash=cfg.config_hash(),
                                git_revision=git_revision(), recipe=cfg.recipe, time=now_iso(),
@@ -173,7 +173,7 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
 def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
     x = meta.extra
     return record_from_export(meta, data.name, "pretrain", "final_loss", float(x.get("final_loss", float("nan"))),
-                              "last step", budget_seconds=parse_budget(meta.budget).seconds,
+                              "last step", budget_seconds=meta.budget_seconds,
                               data_wait_share=x.get("data_wait_share"), git_revision=meta.git_revision,
                               note=str(x.get("note", "")))
 

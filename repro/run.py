@@ -20,7 +20,7 @@ import torch
 from evals import dense
 from evals.registry import EVALS, eval_settings, normalized
 from repro import distributed, monitor
-from repro.budget import BudgetError, parse_budget
+from repro.budget import BudgetError
 from repro.checkpoint import (
     CheckpointError,
     check_output_dir,
@@ -100,7 +100,7 @@ def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) 
     cfg = replace(cfg, data=replace(cfg.data, path=args.data))
     if args.model:
         cfg = replace(cfg, model=replace(cfg.model, name=args.model))
-    cfg = apply_overrides(cfg, {"budget.spec": args.budget})
+    cfg = apply_overrides(cfg, {"budget.spec": args.budget})  # parsed here, once (a BudgetError names it)
     # "<method>.<field>" applies to that method only (e.g. macrl.bank_size=256 beside mae in one command)
     scoped = {k: v for k, v in sets.items() if k.split(".", 1)[0] in METHODS}
     shared = {k: v for k, v in sets.items() if k not in scoped}
@@ -110,7 +110,7 @@ def resolve_config(method: str, args: argparse.Namespace, sets: dict[str, str]) 
 
 
 def run_dir_for(out: Path, dataset: str, cfg: RunConfig) -> Path:
-    return run_dir_path(out, dataset, cfg.method, cfg.model.name, cfg.budget.spec, cfg.seed, cfg.config_hash())
+    return run_dir_path(out, dataset, cfg.method, cfg.model.name, cfg.budget.spec.text, cfg.seed, cfg.config_hash())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +133,6 @@ def _main(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    parse_budget(args.budget)
     evals = [] if args.evals.strip().lower() == "none" else [e.strip() for e in args.evals.split(",") if e.strip()]
     bad = [e for e in evals if e not in EVALS]
     if bad:

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from repro import distributed
-from repro.budget import Budget, BudgetError, Calibration, format_seconds, parse_budget, steps_for_budget
+from repro.budget import Budget, BudgetError, Calibration, format_seconds, steps_for_budget
 from repro.checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -278,7 +278,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = dist.device
         self.progress = progress and dist.rank == 0
-        self.budget: Budget = parse_budget(cfg.budget.spec)
+        self.budget: Budget = cfg.budget.spec
         self.hp = resolve_hparams(cfg)
         self.method.to(self.device)
         self.sampler = StepSampler(len(data.train), self.hp["global_batch"], cfg.seed, dist.rank, dist.world_size)
@@ -308,20 +308,20 @@ class Trainer:
         with contextlib.suppress(NotImplementedError):
             flops = float(self.method.flops_per_image())
         provisional = Plan(10**9, hp["global_batch"], spe, hp["lr"], hp["min_lr"], 0, hp["weight_decay"],
-                           hp["betas"], self.budget.spec, self.budget.kind, self.budget.seconds, None, 0, 0.0, flops)
+                           hp["betas"], self.budget.text, self.budget.kind, self.budget.seconds, None, 0, 0.0, flops)
         calib: Calibration | None = None
         if self.budget.kind == "time":
             calib = self._calibrate(provisional, opt_factory)
         if self.budget.kind == "flop" and flops is None:
-            raise BudgetError(f"--budget {self.budget.spec}: method {self.method.name} has no FLOP count")
+            raise BudgetError(f"--budget {self.budget.text}: method {self.method.name} has no FLOP count")
         total = steps_for_budget(self.budget, steps_per_epoch=spe, global_batch=hp["global_batch"],
                                  seconds_per_step=calib.seconds_per_step if calib else None, flops_per_image=flops)
         if total > MAX_STEPS:
-            raise BudgetError(f"--budget {self.budget.spec}: buys {total:.3g} steps ({total / spe:.3g} epochs) of "
+            raise BudgetError(f"--budget {self.budget.text}: buys {total:.3g} steps ({total / spe:.3g} epochs) of "
                               f"{self.method.name}; is the unit right? (more than {MAX_STEPS:.0e} steps is refused)")
         warmup = int(round(hp["warmup_fraction"] * total))
         plan = Plan(total, hp["global_batch"], spe, hp["lr"], hp["min_lr"], warmup, hp["weight_decay"], hp["betas"],
-                    self.budget.spec, self.budget.kind, self.budget.seconds,
+                    self.budget.text, self.budget.kind, self.budget.seconds,
                     calib.seconds_per_step if calib else None, calib.timed_steps if calib else 0,
                     calib.wall_seconds if calib else 0.0, flops, planned_steps=total)
         return distributed.broadcast_object(plan)

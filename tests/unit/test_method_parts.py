@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT, mae_sincos_pos_embed, moco_sincos_pos_embed
-from repro.budget import BudgetError, split_budget
+from repro.budget import BudgetError, parse_budget, split_budget
 from repro.checkpoint import CheckpointError
 from repro.config import ConfigError, ModelConfig
 from repro.losses import bank_info_nce, moco_contrastive, patch_info_nce
@@ -306,12 +306,14 @@ def test_shared_crop_views_differ_only_photometrically():
                                                  ("7steps", ("4steps", "3steps")), ("2e18flop", ("1e+18flop",
                                                                                                  "1e+18flop"))])
 def test_split_budget(spec, expected):
-    assert split_budget(spec, 0.5) == expected
+    stages = split_budget(parse_budget(spec), 0.5)
+    assert tuple(b.text for b in stages) == expected
+    assert stages == tuple(parse_budget(t) for t in expected)  # each stage is exactly what its text says
 
 
 def test_split_budget_refuses_one_step():
     with pytest.raises(BudgetError):
-        split_budget("1steps", 0.5)
+        split_budget(parse_budget("1steps"), 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- MiCL augmentation
