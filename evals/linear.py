@@ -21,11 +21,23 @@ widening, the held-out accuracy of every lr and the precision of the features.
 Deviation from MAE's protocol: features are extracted once from centre-cropped images and cached, so the
 probe sees no RandomResizedCrop/flip augmentation (MAE augments every epoch). Cheap enough to sweep lrs;
 stated in every record's ``selection`` field.
+
+``eval.linear_protocol=mocov3`` is MoCo v3's own protocol instead (``main_lincls.py`` and ``CONFIG.md`` of
+facebookresearch/moco-v3), the one its papers' linear numbers were measured with: the frozen encoder in eval mode,
+a plain ``nn.Linear`` head (weights N(0, 0.01), bias 0, no BatchNorm) on the cls feature, SGD (momentum 0.9, no
+weight decay) at lr ``eval.mocov3_base_lr`` (3 for ViTs) x ``eval.mocov3_batch_size`` (1024) / 256, a per-epoch
+half-cosine to 0 over ``eval.linear_epochs`` (90), no warm-up, every epoch a fresh RandomResizedCrop (scale 0.08-1,
+bilinear) + flip of each training image through the frozen encoder (no cache: the crops change), the last partial
+batch kept, test images through the suite's evaluation view (as every protocol here). No lr is chosen. Its records
+are ``linear-mocov3`` (their own table column, never averaged with MAE's protocol). One difference, stated in each
+record: the official script keeps the best test-set epoch (``best_acc1``); the suite reports the last epoch, as it
+never selects on test images.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,11 +47,15 @@ import torch
 import torch.nn.functional as F
 from timm.optim import Lars
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from evals.features import EvalContext, FeatureSettings, make_record, precision_note, subset_note
+from repro.checkpoint import load_export
 from repro.config import ConfigError
+from repro.precision import autocast
 from repro.records import ResultRecord
 from repro.schedules import cosine_after_warmup
+from repro.seeds import epoch_seed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +81,13 @@ class Settings(FeatureSettings):
     linear_widenings: int = 3
     """How many times the lr grid may be extended (by its own end ratio) on the side where the chosen lr sits on
     its edge; 0 = never."""
+    linear_protocol: str = "mae"
+    """'mae' (LARS + BatchNorm on cached centre-crop features, lr chosen on held-out images) or 'mocov3' (MoCo v3's
+    SGD protocol on fresh crops; records ``linear-mocov3``): see the module docstring."""
+    mocov3_base_lr: float = 3.0
+    """MoCo v3 protocol: base lr, scaled by batch / 256 (CONFIG.md: 3 for ViT linear classification)."""
+    mocov3_batch_size: int = 1024
+    """MoCo v3 protocol: batch (main_lincls.py default)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +96,10 @@ class Settings(FeatureSettings):
             raise ConfigError("eval.linear_base_lrs must not be empty")
         if any(lr <= 0 for lr in lrs) or any(a >= b for a, b in zip(lrs, lrs[1:], strict=False)):
             raise ConfigError("eval.linear_base_lrs must be positive and strictly ascending")
+        if self.linear_protocol not in ("mae", "mocov3"):
+            raise ConfigError(f"eval.linear_protocol must be mae or mocov3, got {self.linear_protocol!r}")
+        if self.mocov3_base_lr <= 0 or self.mocov3_batch_size < 1:
+            raise ConfigError("eval.mocov3_base_lr and eval.mocov3_batch_size must be positive")
         if self.linear_holdout_from not in ("outside", "inside"):
             raise ConfigError(f"eval.linear_holdout_from must be outside or inside, got {self.linear_holdout_from!r}")
         if self.linear_holdout < 1 or self.linear_widenings < 0:
@@ -254,7 +281,65 @@ def selection_text(sel: Selection, cfg: Settings, k: int, n: int, outside: bool 
             "all train, last epoch" + tail)
 
 
+def _mocov3_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of shuffled batches, the last partial one kept (the official DataLoader's drop_last=False)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).tolist()
+    return [perm[i:i + batch] for i in range(0, n, batch)]
+
+
+def run_mocov3(ctx: EvalContext, export_dir: Path, cfg: Settings) -> list[ResultRecord]:
+    """MoCo v3's linear classification protocol (module docstring): a linear head on the frozen encoder's cls
+    feature, trained with SGD on fresh random crops every epoch; the last epoch's test top-1."""
+    from torchvision import transforms as T
+
+    from evals.finetune.data import default_workers, image_dataset
+    from repro.data import balanced_subset
+
+    t0 = time.perf_counter()
+    test, meta = ctx.features(export_dir, cfg)  # the test images' features, shared with the other protocols
+    model, _ = load_export(export_dir)
+    model.to(ctx.device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train = balanced_subset(ctx.data.train, cfg.train_subset)
+    transform = T.Compose([T.RandomResizedCrop(meta.img_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(meta.mean, meta.std)])
+    dataset = image_dataset(train, transform)
+    precision = test.precision
+    head = nn.Linear(test.test_x.shape[1], test.num_classes).to(ctx.device)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01, generator=torch.Generator(device=ctx.device).manual_seed(ctx.seed))
+        head.bias.zero_()
+    batch = cfg.mocov3_batch_size
+    init_lr = cfg.mocov3_base_lr * batch / 256
+    opt = torch.optim.SGD(head.parameters(), init_lr, momentum=0.9, weight_decay=0.0)
+    torch.manual_seed(ctx.seed)  # the crops' randomness (workers derive theirs from the loader's generator)
+    for epoch in tqdm(range(cfg.linear_epochs), desc="linear (mocov3)", disable=not ctx.progress, leave=False):
+        for g in opt.param_groups:  # main_lincls.adjust_learning_rate: per epoch, no warm-up
+            g["lr"] = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.linear_epochs))
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=_mocov3_batches(len(train), batch, ctx.seed, epoch),
+                                             num_workers=default_workers(ctx.device),
+                                             generator=torch.Generator().manual_seed(epoch_seed(ctx.seed, epoch)))
+        for views, y in loader:
+            x = views[0].to(ctx.device, non_blocking=True)
+            with torch.inference_mode(), autocast(ctx.device, precision):
+                f = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+            loss = F.cross_entropy(head(f.float().clone()), y.to(ctx.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (head(test.test_x).argmax(1) == test.test_y).float().mean().item() * 100
+    rule = (f"MoCo v3 protocol (main_lincls.py): SGD lr {cfg.mocov3_base_lr:g} x {batch}/256, momentum 0.9, no weight "
+            f"decay, {cfg.linear_epochs} epochs half-cosine, fresh RandomResizedCrop + flip each epoch, no BatchNorm, "
+            "nothing selected; last epoch (the official script keeps the best test epoch)"
+            + subset_note(ctx, cfg) + precision_note(test))
+    return [make_record(ctx, meta, "linear-mocov3", "top1", acc, rule, time.perf_counter() - t0)]
+
+
 def run(ctx: EvalContext, export_dir: Path, cfg: Settings) -> list[ResultRecord]:
+    if cfg.linear_protocol == "mocov3":
+        return run_mocov3(ctx, export_dir, cfg)
     t0 = time.perf_counter()
     f, meta = ctx.features(export_dir, cfg)
     n = f.train_x.shape[0]

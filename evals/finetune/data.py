@@ -81,13 +81,16 @@ def default_workers(device: torch.device) -> int:
     return min(8, max(1, cpus - 1))
 
 
-def train_loader(split: Split, transform, batch: int, steps: int, seed: int, device: torch.device):
-    ds: torch.utils.data.Dataset
+def image_dataset(split: Split, transform) -> torch.utils.data.Dataset:
+    """Item i = ((transform(PIL image i),), label i), for in-memory and file splits alike."""
     if isinstance(split, TensorImages):
-        ds = _TensorPilDataset(split, transform)
-    else:
-        assert isinstance(split, FileImages)
-        ds = _FileDataset(split, pil_load(transform), "skip")
+        return _TensorPilDataset(split, transform)
+    assert isinstance(split, FileImages)
+    return _FileDataset(split, pil_load(transform), "skip")
+
+
+def train_loader(split: Split, transform, batch: int, steps: int, seed: int, device: torch.device):
+    ds = image_dataset(split, transform)
     workers = default_workers(device)
     return torch.utils.data.DataLoader(
         ds, batch_sampler=_EpochBatches(len(split), batch, steps, seed), num_workers=workers,

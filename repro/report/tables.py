@@ -10,7 +10,7 @@ from repro.records import DATA_BOUND_SHARE, ResultRecord
 KEY = ["dataset", "method", "model", "budget", "precision", "eval", "metric", "seed"]
 """One measured cell. ``precision`` is the training precision ('' in records older than it): a bf16 run and an fp32 run
 of the same method and budget are different rows, never averaged together."""
-EVAL_ORDER = ["knn", "linear", "finetune", "ade20k", "coco"]
+EVAL_ORDER = ["knn", "linear", "linear-mocov3", "finetune", "ade20k", "coco"]
 METRIC_ORDER = ["top1", "top5", "mIoU", "mAcc", "box_AP", "mask_AP"]
 
 SCRATCH = "supervised-scratch"

@@ -177,3 +177,42 @@ def test_the_linear_probe_chooses_on_images_outside_its_subset_and_keeps_the_cho
     assert "retrained on all train" in old.selection
     assert eval_key("linear", context(data, **values)) != eval_key("linear", context(data, **values,
                                                                                      linear_holdout_from="inside"))
+
+
+def test_the_mocov3_linear_protocol_is_sgd_on_fresh_crops_with_a_per_epoch_cosine(data, export, monkeypatch):
+    """eval.linear_protocol=mocov3 (main_lincls.py): SGD momentum 0.9, no weight decay, lr base x batch / 256 on a
+    per-epoch half-cosine, every batch of every epoch (the last partial one kept) through the frozen encoder; its
+    record is its own column, and the encoder is untouched."""
+    import math
+
+    import evals.linear as linear
+    from repro.checkpoint import read_export
+
+    steps: list[float] = []
+    real_sgd = torch.optim.SGD
+
+    class SpySGD(real_sgd):  # type: ignore[misc,valid-type]
+        def __init__(self, params, lr, **kw):
+            assert kw == {"momentum": 0.9, "weight_decay": 0.0}
+            super().__init__(params, lr, **kw)
+
+        def step(self, closure=None):
+            steps.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", SpySGD)
+    values = dict(linear_protocol="mocov3", linear_epochs=3, mocov3_batch_size=24, mocov3_base_lr=2.0)
+    ctx = context(data, **values)
+    before = read_export(export)[1]
+    (rec,) = linear.run(ctx, export, ctx.settings["linear"])
+    init = 2.0 * 24 / 256
+    per_epoch = math.ceil(len(data.train) / 24)  # 64 images: 24 + 24 + 16
+    assert steps == [pytest.approx(init * 0.5 * (1 + math.cos(math.pi * e / 3))) for e in range(3)
+                     for _ in range(per_epoch)]
+    assert rec.eval == "linear-mocov3" and rec.metric == "top1" and 0 <= rec.value <= 100
+    assert "MoCo v3 protocol" in rec.selection and "last epoch" in rec.selection
+    after = read_export(export)[1]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert eval_key("linear", ctx) != eval_key("linear", context(data))
+    (again,) = linear.run(context(data, **values), export, ctx.settings["linear"])
+    assert again.value == rec.value  # seeded: the same crops, the same head
