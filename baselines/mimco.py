@@ -41,8 +41,9 @@ from torch import Tensor, nn
 
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
-from repro.checkpoint import CheckpointError, load_export, load_strict, read_extra
+from repro.checkpoint import CheckpointError
 from repro.config import ConfigError
+from repro.export import load_export, load_strict, read_extra
 from repro.flops import FORWARD, TRAIN, embed_train_flops, encoder_flops, linear_flops, patch_embed_flops
 from repro.heads import bn_mlp, per_token
 from repro.losses import info_nce, patch_info_nce

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS, CheckpointError, read_export
+from repro.checkpoint import CheckpointError
 from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
 from repro.errors import NonFiniteLoss
+from repro.export import EXPORT_META, EXPORT_WEIGHTS, read_export
 from repro.recipes import RECIPES, build_config, default_recipe
 from repro.records import ResultRecord, append_records
 

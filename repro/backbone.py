@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -26,9 +26,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from repro.config import ModelConfig
-
-if TYPE_CHECKING:
-    from repro.checkpoint import ExportMeta
 
 PosEmbedKind = Literal["learned", "sincos", "sincos_moco"]
 InitKind = Literal["timm", "mae", "moco", "beit"]
@@ -251,13 +248,6 @@ class MaskedViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
-
-    def export_meta(self, **fields: Any) -> ExportMeta:
-        """This encoder's ``backbone.json``: its timm architecture, plus ``fields`` (mean, std, method, steps, ...)."""
-        from repro.checkpoint import ExportMeta
-
-        return ExportMeta(timm_model=self.timm_name, timm_kwargs=self.timm_kwargs, img_size=self.img_size,
-                          patch_size=self.patch_size, **fields)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """The timm state dict (what an export holds); method-only parameters such as the [MASK] token excluded."""

@@ -1,9 +1,9 @@
-"""Atomic checkpoints (resume) and backbone exports (safetensors + JSON metadata).
+"""Atomic, checksummed files and the training checkpoints (resume) written with them; exports are
+:mod:`repro.export`.
 
 Every file is written to a temporary name in the same directory, flushed and fsync'ed, then renamed over
 the destination: an interrupted write leaves the previous file intact and is never loaded. Checkpoints
-load with ``weights_only=True``; exports load strictly into the timm model named in ``backbone.json``
-(missing or unexpected keys are an error, never a silent partial load).
+load with ``weights_only=True``.
 
 Checksums: atomicity does not catch bytes that change after the rename (a bad disk, a partial copy, a flipped
 bit), and a changed tensor still loads. So every checkpoint and export file gets ``<name>.sha256`` beside it
@@ -22,25 +22,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 """The checkpoint before :data:`CHECKPOINT`: what a run resumes from when the newest fails its checksum."""
-EXPORT_WEIGHTS = "backbone.safetensors"
-EXPORT_META = "backbone.json"
 CHECKSUM_SUFFIX = ".sha256"
 
 log = logging.getLogger(__name__)
@@ -207,7 +202,7 @@ def verify_file(path: Path, what: str = "file") -> tuple[str, bool]:
 _WARNED: set[str] = set()
 
 
-def _warn_unverified(path: Path, what: str) -> None:
+def warn_unverified(path: Path, what: str) -> None:
     key = str(Path(path).absolute())
     if key not in _WARNED:
         _WARNED.add(key)
@@ -341,7 +336,7 @@ def load_checkpoint(path: Path, *, verify: bool = True) -> dict[str, Any]:
     if verify:
         _, checked = verify_file(path, "checkpoint")
         if not checked:
-            _warn_unverified(path, "checkpoint")
+            warn_unverified(path, "checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle payloads refused by weights_only, ...
@@ -368,173 +363,26 @@ def resume_checkpoint(path: Path) -> tuple[dict[str, Any], Path, list[str]] | No
                           f"the run directory {path.parent} to train again from step 0")
 
 
-@dataclass(frozen=True)
-class ExportMeta:
-    """``backbone.json``: everything needed to rebuild and evaluate the exported encoder."""
+# Exports moved to repro.export. These names stay importable from here, resolved when first used (repro.export imports
+# this module), for the modules that still import them from repro.checkpoint: evals/features.py and evals/dense/ (and
+# tests/dense), which were another engineer's files when the move was made. Point them at repro.export, then delete.
+_MOVED_TO_EXPORT = ("EXPORT_META", "EXPORT_WEIGHTS", "ExportMeta", "export_backbone", "load_export", "load_strict",
+                    "read_export")
 
-    timm_model: str
-    timm_kwargs: dict[str, Any]
-    img_size: int
-    patch_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    method: str
-    steps: int
-    budget: str
-    budget_seconds: float | None
-    config_hash: str
-    git_revision: str
-    dataset: str = ""
-    seed: int = 0
-    precision: str = ""
-    """The resolved precision pre-training ran in ('fp32' or 'bf16'); '' in exports written before it was recorded
-    (fp32 on CPU, bf16 on CUDA) and in exports no training produced (random init, converted checkpoints)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    weights_sha256: str = field(default="", compare=False)
-    """SHA-256 of the ``backbone.safetensors`` this metadata came with: set by :func:`read_export` from the bytes it
-    verified (and by the export writers from the bytes they wrote); not stored in ``backbone.json`` (its sidecar
-    ``backbone.safetensors.sha256`` is the record). Result records carry it (``export_sha256``)."""
+if TYPE_CHECKING:
+    from repro.export import (  # noqa: F401
+        EXPORT_META,
+        EXPORT_WEIGHTS,
+        ExportMeta,
+        export_backbone,
+        load_export,
+        load_strict,
+        read_export,
+    )
+else:
+    def __getattr__(name: str) -> Any:
+        if name in _MOVED_TO_EXPORT:
+            from repro import export
 
-    @classmethod
-    def from_json(cls, path: Path) -> ExportMeta:
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable export metadata ({e})") from None
-        missing = [k for k in ("timm_model", "timm_kwargs", "mean", "std") if k not in d]
-        if missing:
-            raise CheckpointError(f"{path}: missing fields {', '.join(missing)}")
-        known = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in known}
-        d.setdefault("img_size", int(d["timm_kwargs"].get("img_size", 224)))
-        d.setdefault("patch_size", int(d["timm_kwargs"].get("patch_size", 16)))
-        for k, default in (("method", "unknown"), ("steps", 0), ("budget", ""), ("budget_seconds", None),
-                           ("config_hash", ""), ("git_revision", "")):
-            d.setdefault(k, default)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
-
-
-EXPORT_ADVICE = "rerun the command that wrote the export (or restore a copy of it)"
-
-
-def _safetensors_bytes(tensors: dict[str, Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 16)
-
-
-def export_backbone(out_dir: Path, state: dict[str, Tensor], meta: ExportMeta | None) -> ExportMeta | None:
-    """Write ``backbone.safetensors`` and ``backbone.json`` atomically (weights first, metadata last), each with its
-    ``.sha256``; returns ``meta`` with ``weights_sha256`` set (None without ``meta``).
-
-    ``meta=None`` writes the weights only: the export stays unfinished until :func:`write_export_meta`.
-    """
-    out_dir = Path(out_dir)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(out_dir / EXPORT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-                 checksum=True, need_bytes=_safetensors_bytes(tensors))
-    if meta is not None:
-        return write_export_meta(out_dir, meta)
-    return None
-
-
-def write_export_meta(out_dir: Path, meta: ExportMeta) -> ExportMeta:
-    """Write ``backbone.json`` (+ its ``.sha256``), which completes an export; returns ``meta`` with the checksum of
-    the weights already written beside it (``weights_sha256``; '' for weights without a checksum)."""
-    d = asdict(meta)
-    d.pop("weights_sha256")  # the weights' own sidecar is the record of their bytes
-    atomic_write(Path(out_dir) / EXPORT_META, lambda p: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"),
-                 checksum=True)
-    return replace(meta, weights_sha256=(read_checksum(Path(out_dir) / EXPORT_WEIGHTS) or [""])[-1])
-
-
-def export_extra(out_dir: Path, name: str, state: dict[str, Tensor]) -> Path:
-    """Write a method part beside the backbone as ``<name>.safetensors`` (e.g. MoCo v3's projector), checksummed."""
-    path = Path(out_dir) / f"{name}.safetensors"
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}), checksum=True,
-                 need_bytes=_safetensors_bytes(tensors))
-    return path
-
-
-def verify_export_file(path: Path, what: str) -> str:
-    """Check one file of an export against its ``.sha256`` (a one-line warning when it has none: exports from before
-    checksums still load); returns its digest. :class:`ChecksumError` (nothing loaded) on a mismatch."""
-    try:
-        digest, checked = verify_file(path, what)
-    except ChecksumError as e:
-        raise ChecksumError(f"{e}; {EXPORT_ADVICE}") from None
-    if not checked:
-        _warn_unverified(path, what)
-    return digest
-
-
-def load_safetensors(path: Path) -> tuple[dict[str, Tensor], str]:
-    """The tensors of a checksummed ``.safetensors`` file and its verified digest (CheckpointError when absent,
-    changed since it was written, or unreadable)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    digest = verify_export_file(path, "safetensors")
-    try:
-        return load_file(str(path)), digest
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
-
-
-def read_extra(export_dir: Path, name: str) -> dict[str, Tensor]:
-    """The tensors of ``<name>.safetensors`` in an export directory (CheckpointError when absent/unreadable)."""
-    return load_safetensors(Path(export_dir) / f"{name}.safetensors")[0]
-
-
-def load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists the offending keys and names the file."""
-    expected, got = set(model.state_dict().keys()), set(state.keys())
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}"
-                         f"{', ...' if len(unexpected) > 4 else ''})")
-        raise CheckpointError(f"{where}: weights do not match the model: {'; '.join(parts)}")
-    mismatched = [k for k, v in model.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
-    if mismatched:
-        k = mismatched[0]
-        raise CheckpointError(f"{where}: shape mismatch for {k}: file {tuple(state[k].shape)} vs model "
-                              f"{tuple(model.state_dict()[k].shape)} ({len(mismatched)} tensors differ)")
-    model.load_state_dict(state, strict=True)
-
-
-def read_export(export_dir: Path, weights: bool = True) -> tuple[ExportMeta, dict[str, Tensor]]:
-    """``backbone.json`` and (unless ``weights=False``) the raw ``backbone.safetensors`` tensors of an export.
-
-    Both files are checked against their checksums first, also with ``weights=False`` (a corrupted export fails
-    before any data is loaded); the metadata returned carries the weights' digest (``weights_sha256``)."""
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise CheckpointError(f"{export_dir}: export directory does not exist")
-    meta_path, weights_path = export_dir / EXPORT_META, export_dir / EXPORT_WEIGHTS
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing (an export is {EXPORT_WEIGHTS} + {EXPORT_META})")
-    verify_export_file(meta_path, "export metadata")
-    meta = ExportMeta.from_json(meta_path)
-    if not weights:
-        return replace(meta, weights_sha256=verify_export_file(weights_path, "safetensors")), {}
-    state, digest = load_safetensors(weights_path)
-    return replace(meta, weights_sha256=digest), state
-
-
-def load_export(export_dir: Path) -> tuple[nn.Module, ExportMeta]:
-    """Rebuild the timm model named in ``backbone.json`` and load ``backbone.safetensors`` into it strictly."""
-    from repro.backbone import create_timm_model
-
-    meta, state = read_export(export_dir)
-    meta_path, weights_path = Path(export_dir) / EXPORT_META, Path(export_dir) / EXPORT_WEIGHTS
-    try:
-        model = create_timm_model(meta.timm_model, dict(meta.timm_kwargs))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{meta_path}: cannot build timm model {meta.timm_model!r} ({e})") from None
-    load_strict(model, state, str(weights_path))
-    return model, meta
+            return getattr(export, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

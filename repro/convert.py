@@ -47,23 +47,20 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from repro.checkpoint import (
-    CheckpointError,
+from repro.backbone import create_timm_model
+from repro.checkpoint import CheckpointError, atomic_write, check_output_dir
+from repro.export import (
     ExportMeta,
-    atomic_write,
-    check_output_dir,
+    converted_meta,
     export_backbone,
     load_safetensors,
     load_strict,
     read_export,
 )
-from repro.records import git_revision
 
 log = logging.getLogger("repro.convert")
 
 FORMATS = ("mae", "micl", "mocov3", "conmim")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SAFE_GLOBALS = (argparse.Namespace,)
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 TIMM_BY_WIDTH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
@@ -245,8 +242,6 @@ def write_head(out: Path, head: dict[str, Tensor], info: dict) -> Path:
 def convert(fmt: str, checkpoint: Path, out: Path, num_heads: int | None = None) -> ExportMeta:
     """Write ``out/backbone.safetensors`` + ``out/backbone.json`` (+ ``out/head.safetensors`` for a linear-
     classification checkpoint) for an official checkpoint; returns the metadata."""
-    from repro.backbone import create_timm_model
-
     if fmt not in FORMATS:
         raise CheckpointError(f"format {fmt!r}: choose from {', '.join(FORMATS)}")
     if fmt == "conmim":
@@ -272,15 +267,11 @@ def convert(fmt: str, checkpoint: Path, out: Path, num_heads: int | None = None)
         load_strict(classifier, {**encoder, **{f"head.{k}": v for k, v in head.items()}}, str(checkpoint))
     size = sum(v.numel() * v.element_size() for v in (*encoder.values(), *head.values()))
     check_output_dir(out, size)
-    meta = ExportMeta(timm_model=name, timm_kwargs=kwargs, img_size=kwargs["img_size"],
-                      patch_size=kwargs["patch_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD, method=fmt, steps=0,
-                      budget="official", budget_seconds=None, config_hash="", git_revision=git_revision(),
-                      dataset="imagenet-1k", seed=0,
-                      extra={"converted_from": str(checkpoint.resolve()), "format": fmt, "layout": layout,
-                             "heads_from": heads_from,
-                             "dropped": dropped, "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int)
-                             else None, **({"head": head_info} if head else {}),
-                             "note": f"official {fmt} checkpoint {checkpoint.name}, converted by repro.convert"})
+    meta = converted_meta(name, kwargs, fmt, {
+        "converted_from": str(checkpoint.resolve()), "format": fmt, "layout": layout, "heads_from": heads_from,
+        "dropped": dropped, "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
+        **({"head": head_info} if head else {}),
+        "note": f"official {fmt} checkpoint {checkpoint.name}, converted by repro.convert"})
     if head:  # before backbone.json, which marks the export complete
         write_head(out, head, {k: v for k, v in head_info.items() if k != "file"})
     export_backbone(out, model.state_dict(), meta)
@@ -295,8 +286,6 @@ def load_classifier(export_dir: Path) -> nn.Module:
     """The export's encoder with the kept linear head (``head.safetensors``) in one timm classifier, both loaded
     strictly — what main_lincls.py evaluated, so its released top-1 (``backbone.json`` extra.head.best_acc1) can be
     checked with any ImageNet validation loop."""
-    from repro.backbone import create_timm_model
-
     meta, state = read_export(export_dir)
     path = Path(export_dir) / f"{HEAD_NAME}.safetensors"
     if not path.is_file():

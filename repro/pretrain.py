@@ -14,46 +14,29 @@ import torch
 from repro import distributed
 from repro.backbone import BackboneOptions, MaskedViT
 from repro.budget import Budget, split_budget
-from repro.checkpoint import (
-    CHECKPOINT,
-    EXPORT_META,
-    EXPORT_WEIGHTS,
-    ExportMeta,
-    atomic_write_text,
-    check_output_dir,
-    export_backbone,
-    export_extra,
-    run_disk_bytes,
-    write_export_meta,
-)
+from repro.checkpoint import CHECKPOINT, atomic_write_text, check_output_dir, run_disk_bytes
 from repro.config import ModelConfig, RunConfig, apply_overrides
 from repro.data import DatasetSplits
 from repro.errors import NonFiniteLoss
+from repro.export import (
+    EXPORT_META,
+    EXPORT_WEIGHTS,
+    ExportMeta,
+    export_backbone,
+    export_extra,
+    random_init_meta,
+    record_from_export,
+    teacher_meta,
+    trained_meta,
+    write_export_meta,
+)
 from repro.lock import run_lock
 from repro.recipes import build_config
-from repro.records import (
-    ResultRecord,
-    append_records,
-    git_revision,
-    model_label,
-    now_iso,
-    read_records,
-    record_from_export,
-)
+from repro.records import ResultRecord, append_records, git_revision, model_label, now_iso, read_records
 from repro.registry import METHODS, build_method
 from repro.trainer import Trainer, TrainResult, read_summary
 
 log = logging.getLogger("repro")
-
-
-def export_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict,
-                precision: str = "") -> ExportMeta:
-    budget = cfg.budget.spec
-    return backbone.export_meta(
-        mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps, budget=budget.text,
-        budget_seconds=budget.seconds, config_hash=cfg.config_hash(), git_revision=git_revision(),
-        dataset=data.name, seed=cfg.seed, precision=precision, extra=extra,
-    )
 
 
 def _extra(cfg: RunConfig, r: TrainResult) -> dict:
@@ -157,7 +140,7 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
                                precision=trainer.precision)
             append_records(records_path, [rec])
         raise
-    meta = export_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result), result.precision)
+    meta = trained_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result), result.precision)
     if dist_info.rank == 0:
         for name, state in method.extra_exports().items():
             export_extra(run_dir, name, state)
@@ -195,10 +178,7 @@ def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: 
         return run_dir
     torch.manual_seed(seed)
     bb = MaskedViT(model, BackboneOptions(pos_embed="sincos", init="mae"))
-    meta = bb.export_meta(mean=tuple(data.mean), std=tuple(data.std), method="random-init", steps=0, budget="-",
-                          budget_seconds=0.0, config_hash="", git_revision=git_revision(), dataset=data.name,
-                          seed=seed, extra={"recipe": recipe, "pretrain_seconds": 0.0})
-    export_backbone(run_dir, bb.export_state_dict(), meta)
+    export_backbone(run_dir, bb.export_state_dict(), random_init_meta(bb, data, seed, recipe))
     return run_dir
 
 
@@ -209,9 +189,7 @@ def random_teacher_export(cfg: RunConfig, out: Path, teacher: str = "mocov3") ->
     tcfg = replace(tcfg, model=cfg.model)  # the teacher the same recipe trains, on this architecture
     moco = build_method(tcfg)
     bb = moco.eval_backbone()
-    meta = bb.export_meta(mean=(0.5,) * 3, std=(0.25,) * 3, method=teacher, steps=0, budget="-",
-                          budget_seconds=None, config_hash="bench", git_revision="")
     for name, state in moco.extra_exports().items():
         export_extra(out, name, state)
-    export_backbone(out, bb.export_state_dict(), meta)
+    export_backbone(out, bb.export_state_dict(), teacher_meta(bb, teacher))
     return out

@@ -18,9 +18,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from repro.checkpoint import ExportMeta
-
 DATA_BOUND_SHARE = 0.10
 """A run that spends more than this share of its pre-training wall-clock waiting for batches is data-bound: the
 trainer says so when it ends and the tables flag it."""
@@ -214,21 +211,15 @@ def run_dir_path(out: Path, dataset: str, method: str, model_name: str, budget: 
     return Path(out) / dataset / method / f"{model_name}-{budget.replace('/', '_')}-s{seed}-{config_hash}"
 
 
-def record_from_export(meta: ExportMeta, dataset: str, eval_name: str, metric: str, value: float, selection: str,
-                       **fields: Any) -> ResultRecord:
-    """A result row for ``dataset``'s table: the export's pre-training facts (``backbone.json``) plus one number;
-    ``fields`` set the rest (``eval_seconds``, ``note``, ...) or replace a default (``git_revision``: the code that
-    measured the number unless given)."""
-    x = meta.extra
-    base: dict[str, Any] = dict(
-        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=dataset,
-        budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
-        device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
-        pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
-        images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
-        config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
-        export_sha256=meta.weights_sha256,
-        precision=meta.precision,
-    )
-    return ResultRecord(**{**base, **fields})
+# record_from_export moved to repro.export; importable from here, resolved when first used (repro.export imports this
+# module), for evals/features.py (another engineer's file when the move was made). Point it at repro.export, then
+# delete.
+if TYPE_CHECKING:
+    from repro.export import record_from_export  # noqa: F401
+else:
+    def __getattr__(name: str) -> Any:
+        if name == "record_from_export":
+            from repro import export
 
+            return export.record_from_export
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

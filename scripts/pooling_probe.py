@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.knn import knn_predict  # noqa: E402
-from repro.checkpoint import load_export  # noqa: E402
 from repro.config import DataConfig  # noqa: E402
 from repro.data import balanced_subset, load_data  # noqa: E402
+from repro.export import load_export  # noqa: E402
 from repro.sources import eval_batches  # noqa: E402
 
 

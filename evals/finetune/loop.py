@@ -18,9 +18,9 @@ from evals.features import EvalContext
 from evals.finetune.data import train_loader, train_transform
 from evals.finetune.model import FinetuneNonFinite, KeyMapping, build_finetune_model, make_mixup, make_optimizer
 from evals.finetune.recipes import FinetuneRecipe
-from repro.checkpoint import ExportMeta, read_export
 from repro.config import ConfigError
 from repro.data import Split
+from repro.export import ExportMeta, read_export
 from repro.sources import eval_batches
 
 

@@ -14,8 +14,9 @@ from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
 from evals.finetune.recipes import FinetuneRecipe
-from repro.checkpoint import CheckpointError, ExportMeta
+from repro.checkpoint import CheckpointError
 from repro.errors import NonFiniteLoss
+from repro.export import ExportMeta
 
 DROPPED_EXPORT_KEYS = ("norm.weight", "norm.bias")
 """Export tensors fine-tuning deliberately discards: the final LayerNorm (the avg-pool head has its own fc_norm)."""

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from repro.checkpoint import export_backbone, load_export, load_strict
 from repro.config import ConfigError
+from repro.export import export_backbone, load_export, load_strict, teacher_meta
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
 from tests.conftest import build_method
@@ -93,9 +93,7 @@ def test_export_loads_strictly_into_timm(name, tmp_path):
     plain = timm.create_model(bb.timm_name, pretrained=False, **bb.timm_kwargs)
     load_strict(plain, bb.export_state_dict(), name)
     # through the files every evaluation reads: backbone.safetensors + backbone.json and the export loader
-    meta = bb.export_meta(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), method=name, steps=0, budget="-",
-                          budget_seconds=0.0, config_hash="", git_revision="", dataset="toy", seed=0)
-    export_backbone(tmp_path, bb.export_state_dict(), meta)
+    export_backbone(tmp_path, bb.export_state_dict(), teacher_meta(bb, name))
     loaded, read_meta = load_export(tmp_path)
     assert read_meta.method == name and type(loaded) is type(plain)
     x = torch.randn(2, 3, bb.img_size, bb.img_size)

@@ -24,7 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repro.checkpoint import CHECKPOINT, EXPORT_META, EXPORT_WEIGHTS, export_backbone, read_export
+from repro.checkpoint import CHECKPOINT
+from repro.export import EXPORT_META, EXPORT_WEIGHTS, export_backbone, read_export
 from tests.reliability.conftest import SMALL, call_main, sets, tree
 
 HERE = Path(__file__).resolve().parent
@@ -211,7 +212,7 @@ def setup_truncated_checkpoint(tmp: Path) -> dict[str, Path]:
 
 def _export(tmp: Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     from repro.backbone import BackboneOptions, MaskedViT
-    from repro.checkpoint import ExportMeta
+    from repro.export import ExportMeta
     from tests.conftest import tiny_config
 
     model = tiny_config("micl").model

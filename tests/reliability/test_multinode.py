@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, load_checkpoint
+from repro.checkpoint import CHECKPOINT, load_checkpoint
+from repro.export import EXPORT_WEIGHTS
 from tests.reliability.conftest import read_metrics, run_dir, sets, subprocess_env
 from tests.reliability.test_distributed import _children, free_port
 

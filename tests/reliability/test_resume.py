@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.checkpoint import CHECKPOINT, EXPORT_META, EXPORT_WEIGHTS, load_checkpoint
+from repro.checkpoint import CHECKPOINT, load_checkpoint
+from repro.export import EXPORT_META, EXPORT_WEIGHTS
 from repro.records import read_records
 from tests.reliability.conftest import call_main, read_metrics, run_dir, run_module, sets, subprocess_env
 

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, load_checkpoint
+from repro.checkpoint import CHECKPOINT, load_checkpoint
+from repro.export import EXPORT_WEIGHTS
 from repro.records import read_records
 from tests.conftest import ROOT
 from tests.reliability.conftest import read_metrics, run_dir, sets, subprocess_env

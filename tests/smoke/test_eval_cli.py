@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from repro.checkpoint import EXPORT_WEIGHTS, file_sha256, write_checksum
+from repro.checkpoint import file_sha256, write_checksum
 from repro.data import load_data
+from repro.export import EXPORT_WEIGHTS
 from repro.pretrain import random_init_export
 from repro.records import read_records
 from tests.unit.test_finetune import MODEL, ROOT, SMALL_DATA

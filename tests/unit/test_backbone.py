@@ -8,8 +8,8 @@ import torch
 from timm.layers import build_sincos2d_pos_embed
 
 from repro.backbone import BackboneOptions, MaskedViT, mae_sincos_pos_embed, patchify
-from repro.checkpoint import load_strict
 from repro.config import ModelConfig
+from repro.export import load_strict
 
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2)
 

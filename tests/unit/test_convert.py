@@ -15,8 +15,8 @@ import timm
 import torch
 from safetensors import safe_open
 
-from repro.checkpoint import EXPORT_META, load_export
 from repro.convert import load_classifier, main
+from repro.export import EXPORT_META, load_export
 from tests.conftest import ROOT
 
 PARITY = ROOT.parent / "shared" / "reference" / "parity"

@@ -24,9 +24,9 @@ from evals.finetune import (
     run,
     train_transform,
 )
-from repro.checkpoint import EXPORT_WEIGHTS, read_export
 from repro.config import ConfigError, DataConfig, ModelConfig
 from repro.data import FileImages, load_data
+from repro.export import EXPORT_WEIGHTS, read_export
 from repro.pretrain import random_init_export
 from repro.trainer import NonFiniteLoss
 

@@ -16,27 +16,31 @@ import pytest
 import torch
 
 import repro.checkpoint as ck
+import repro.export as ex
 from repro.checkpoint import (
     CHECKPOINT,
-    EXPORT_META,
-    EXPORT_WEIGHTS,
     PREVIOUS_CHECKPOINT,
     CheckpointError,
     ChecksumError,
-    ExportMeta,
     OutputError,
     checksum_path,
-    export_backbone,
-    export_extra,
     load_checkpoint,
-    load_export,
-    read_export,
-    read_extra,
     resume_checkpoint,
     save_checkpoint,
     verify_file,
 )
-from repro.records import ResultRecord, record_from_export
+from repro.export import (
+    EXPORT_META,
+    EXPORT_WEIGHTS,
+    ExportMeta,
+    export_backbone,
+    export_extra,
+    load_export,
+    read_export,
+    read_extra,
+    record_from_export,
+)
+from repro.records import ResultRecord
 from repro.report.integrity import export_checksum_conflicts
 
 
@@ -322,7 +326,7 @@ def test_a_changed_export_file_is_refused_in_one_line(tmp_path, name, what, monk
         p.write_text(p.read_text().replace('"steps": 5', '"steps": 6'))
     else:
         flip(out / name, 16)
-    monkeypatch.setattr(ck, "load_file", lambda *a, **k: pytest.fail("corrupted weights reached load_file"))
+    monkeypatch.setattr(ex, "load_file", lambda *a, **k: pytest.fail("corrupted weights reached load_file"))
     for read in (lambda: load_export(out), lambda: read_export(out, weights=False)):
         with pytest.raises(ChecksumError) as e:
             read()
@@ -360,7 +364,7 @@ def test_a_disk_that_fills_during_the_export_keeps_the_previous_export(tmp_path,
         Path(p).write_bytes(b"\0" * 10)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck, "save_file", full)
+    monkeypatch.setattr(ex, "save_file", full)
     with pytest.raises(OutputError, match=f"{out}: no space left on the device while writing {EXPORT_WEIGHTS}"):
         export_backbone(out, {"w": torch.ones(4)}, None)
     assert (out / EXPORT_WEIGHTS).read_bytes() == before and not temps(out)

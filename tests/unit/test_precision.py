@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import repro.precision
-from repro.checkpoint import EXPORT_META, ExportMeta
 from repro.config import ConfigError, apply_overrides
 from repro.data import load_data
 from repro.distributed import DistInfo
+from repro.export import EXPORT_META, ExportMeta
 from repro.method import Batch, StepInfo
 from repro.precision import cpu_has_native_bf16, resolve_precision
 from repro.pretrain import pretrain, pretrain_record

@@ -1,0 +1,271 @@
+"""An export: the encoder's weights as a plain timm state dict (``backbone.safetensors``) and what produced them
+(``backbone.json``: :class:`ExportMeta`). Evaluations read nothing else, so any timm checkpoint (a released MAE or
+MoCo v3 model, ``repro.convert``) is evaluated like ours.
+
+Everything about an export is here: its metadata and how it is built for each kind of export (a pre-training run,
+the random-init floor, a bench teacher, a converted release: one function each), writing it (weights first, the
+metadata last: ``backbone.json`` marks the export complete), reading it back (each file checked against its
+``.sha256``; the weights loaded strictly into the timm model the metadata names: missing or unexpected keys are an
+error, never a silent partial load), and the result record built from it. Files are written atomically with their
+checksums by :mod:`repro.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from repro.backbone import MaskedViT, create_timm_model
+from repro.checkpoint import CheckpointError, ChecksumError, atomic_write, read_checksum, verify_file, warn_unverified
+from repro.records import ResultRecord, git_revision, model_label, now_iso
+
+if TYPE_CHECKING:
+    from repro.config import RunConfig
+    from repro.data import DatasetSplits
+
+EXPORT_WEIGHTS = "backbone.safetensors"
+EXPORT_META = "backbone.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """``backbone.json``: everything needed to rebuild and evaluate the exported encoder."""
+
+    timm_model: str
+    timm_kwargs: dict[str, Any]
+    img_size: int
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    method: str
+    steps: int
+    budget: str
+    budget_seconds: float | None
+    config_hash: str
+    git_revision: str
+    dataset: str = ""
+    seed: int = 0
+    precision: str = ""
+    """The resolved precision pre-training ran in ('fp32' or 'bf16'); '' in exports written before it was recorded
+    (fp32 on CPU, bf16 on CUDA) and in exports no training produced (random init, converted checkpoints)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = field(default="", compare=False)
+    """SHA-256 of the ``backbone.safetensors`` this metadata came with: set by :func:`read_export` from the bytes it
+    verified (and by the export writers from the bytes they wrote); not stored in ``backbone.json`` (its sidecar
+    ``backbone.safetensors.sha256`` is the record). Result records carry it (``export_sha256``)."""
+
+    @classmethod
+    def from_json(cls, path: Path) -> ExportMeta:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable export metadata ({e})") from None
+        missing = [k for k in ("timm_model", "timm_kwargs", "mean", "std") if k not in d]
+        if missing:
+            raise CheckpointError(f"{path}: missing fields {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("img_size", int(d["timm_kwargs"].get("img_size", 224)))
+        d.setdefault("patch_size", int(d["timm_kwargs"].get("patch_size", 16)))
+        for k, default in (("method", "unknown"), ("steps", 0), ("budget", ""), ("budget_seconds", None),
+                           ("config_hash", ""), ("git_revision", "")):
+            d.setdefault(k, default)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+
+
+# ---------------------------------------------------------------------------------------------- building the metadata
+
+
+def _meta(backbone: MaskedViT, **fields: Any) -> ExportMeta:
+    """``backbone``'s timm architecture plus ``fields``."""
+    return ExportMeta(timm_model=backbone.timm_name, timm_kwargs=backbone.timm_kwargs, img_size=backbone.img_size,
+                      patch_size=backbone.patch_size, **fields)
+
+
+def trained_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict,
+                 precision: str = "") -> ExportMeta:
+    """The metadata of a pre-training run's export: its config, data, budget and steps."""
+    return _meta(backbone, mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps,
+                 budget=cfg.budget.spec.text, budget_seconds=cfg.budget.spec.seconds, config_hash=cfg.config_hash(),
+                 git_revision=git_revision(), dataset=data.name, seed=cfg.seed, precision=precision, extra=extra)
+
+
+def random_init_meta(backbone: MaskedViT, data: DatasetSplits, seed: int, recipe: str) -> ExportMeta:
+    """The metadata of the random-init floor: the backbone at step 0, no budget."""
+    return _meta(backbone, mean=tuple(data.mean), std=tuple(data.std), method="random-init", steps=0, budget="-",
+                 budget_seconds=0.0, config_hash="", git_revision=git_revision(), dataset=data.name, seed=seed,
+                 extra={"recipe": recipe, "pretrain_seconds": 0.0})
+
+
+def teacher_meta(backbone: MaskedViT, method: str) -> ExportMeta:
+    """The metadata of a randomly initialised ``method`` export that stands in for a trained teacher (``repro.bench``,
+    the tests): no data, no budget."""
+    return _meta(backbone, mean=(0.5,) * 3, std=(0.25,) * 3, method=method, steps=0, budget="-", budget_seconds=None,
+                 config_hash="bench", git_revision="")
+
+
+def converted_meta(timm_model: str, timm_kwargs: dict[str, Any], fmt: str, extra: dict[str, Any]) -> ExportMeta:
+    """The metadata of a released ImageNet-1k checkpoint converted by ``repro.convert`` (ImageNet mean and std)."""
+    return ExportMeta(timm_model=timm_model, timm_kwargs=timm_kwargs, img_size=timm_kwargs["img_size"],
+                      patch_size=timm_kwargs["patch_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD, method=fmt, steps=0,
+                      budget="official", budget_seconds=None, config_hash="", git_revision=git_revision(),
+                      dataset="imagenet-1k", seed=0, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------- writing and reading
+
+
+EXPORT_ADVICE = "rerun the command that wrote the export (or restore a copy of it)"
+
+
+def _safetensors_bytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 16)
+
+
+def export_backbone(out_dir: Path, state: dict[str, Tensor], meta: ExportMeta | None) -> ExportMeta | None:
+    """Write ``backbone.safetensors`` and ``backbone.json`` atomically (weights first, metadata last), each with its
+    ``.sha256``; returns ``meta`` with ``weights_sha256`` set (None without ``meta``).
+
+    ``meta=None`` writes the weights only: the export stays unfinished until :func:`write_export_meta`.
+    """
+    out_dir = Path(out_dir)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(out_dir / EXPORT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+                 checksum=True, need_bytes=_safetensors_bytes(tensors))
+    if meta is not None:
+        return write_export_meta(out_dir, meta)
+    return None
+
+
+def write_export_meta(out_dir: Path, meta: ExportMeta) -> ExportMeta:
+    """Write ``backbone.json`` (+ its ``.sha256``), which completes an export; returns ``meta`` with the checksum of
+    the weights already written beside it (``weights_sha256``; '' for weights without a checksum)."""
+    d = asdict(meta)
+    d.pop("weights_sha256")  # the weights' own sidecar is the record of their bytes
+    atomic_write(Path(out_dir) / EXPORT_META, lambda p: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"),
+                 checksum=True)
+    return replace(meta, weights_sha256=(read_checksum(Path(out_dir) / EXPORT_WEIGHTS) or [""])[-1])
+
+
+def export_extra(out_dir: Path, name: str, state: dict[str, Tensor]) -> Path:
+    """Write a method part beside the backbone as ``<name>.safetensors`` (e.g. MoCo v3's projector), checksummed."""
+    path = Path(out_dir) / f"{name}.safetensors"
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}), checksum=True,
+                 need_bytes=_safetensors_bytes(tensors))
+    return path
+
+
+def verify_export_file(path: Path, what: str) -> str:
+    """Check one file of an export against its ``.sha256`` (a one-line warning when it has none: exports from before
+    checksums still load); returns its digest. :class:`ChecksumError` (nothing loaded) on a mismatch."""
+    try:
+        digest, checked = verify_file(path, what)
+    except ChecksumError as e:
+        raise ChecksumError(f"{e}; {EXPORT_ADVICE}") from None
+    if not checked:
+        warn_unverified(path, what)
+    return digest
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a checksummed ``.safetensors`` file and its verified digest (CheckpointError when absent,
+    changed since it was written, or unreadable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    digest = verify_export_file(path, "safetensors")
+    try:
+        return load_file(str(path)), digest
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+
+
+def read_extra(export_dir: Path, name: str) -> dict[str, Tensor]:
+    """The tensors of ``<name>.safetensors`` in an export directory (CheckpointError when absent/unreadable)."""
+    return load_safetensors(Path(export_dir) / f"{name}.safetensors")[0]
+
+
+def load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists the offending keys and names the file."""
+    expected, got = set(model.state_dict().keys()), set(state.keys())
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}"
+                         f"{', ...' if len(unexpected) > 4 else ''})")
+        raise CheckpointError(f"{where}: weights do not match the model: {'; '.join(parts)}")
+    mismatched = [k for k, v in model.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(f"{where}: shape mismatch for {k}: file {tuple(state[k].shape)} vs model "
+                              f"{tuple(model.state_dict()[k].shape)} ({len(mismatched)} tensors differ)")
+    model.load_state_dict(state, strict=True)
+
+
+def read_export(export_dir: Path, weights: bool = True) -> tuple[ExportMeta, dict[str, Tensor]]:
+    """``backbone.json`` and (unless ``weights=False``) the raw ``backbone.safetensors`` tensors of an export.
+
+    Both files are checked against their checksums first, also with ``weights=False`` (a corrupted export fails
+    before any data is loaded); the metadata returned carries the weights' digest (``weights_sha256``)."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise CheckpointError(f"{export_dir}: export directory does not exist")
+    meta_path, weights_path = export_dir / EXPORT_META, export_dir / EXPORT_WEIGHTS
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing (an export is {EXPORT_WEIGHTS} + {EXPORT_META})")
+    verify_export_file(meta_path, "export metadata")
+    meta = ExportMeta.from_json(meta_path)
+    if not weights:
+        return replace(meta, weights_sha256=verify_export_file(weights_path, "safetensors")), {}
+    state, digest = load_safetensors(weights_path)
+    return replace(meta, weights_sha256=digest), state
+
+
+def load_export(export_dir: Path) -> tuple[nn.Module, ExportMeta]:
+    """Rebuild the timm model named in ``backbone.json`` and load ``backbone.safetensors`` into it strictly."""
+    meta, state = read_export(export_dir)
+    meta_path, weights_path = Path(export_dir) / EXPORT_META, Path(export_dir) / EXPORT_WEIGHTS
+    try:
+        model = create_timm_model(meta.timm_model, dict(meta.timm_kwargs))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{meta_path}: cannot build timm model {meta.timm_model!r} ({e})") from None
+    load_strict(model, state, str(weights_path))
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------- the record
+
+
+def record_from_export(meta: ExportMeta, dataset: str, eval_name: str, metric: str, value: float, selection: str,
+                       **fields: Any) -> ResultRecord:
+    """A result row for ``dataset``'s table: the export's pre-training facts (``backbone.json``) plus one number;
+    ``fields`` set the rest (``eval_seconds``, ``note``, ...) or replace a default (``git_revision``: the code that
+    measured the number unless given)."""
+    x = meta.extra
+    base: dict[str, Any] = dict(
+        method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=dataset,
+        budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
+        device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
+        pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
+        images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
+        config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
+        export_sha256=meta.weights_sha256,
+        precision=meta.precision,
+    )
+    return ResultRecord(**{**base, **fields})
+
