@@ -1,13 +1,10 @@
-"""One process at a time per run directory, and a clean stop when the cluster asks for one.
+"""One process at a time per run directory.
 
-- :func:`run_lock`: an exclusive ``flock`` on ``RUN_DIR/.lock``, held by rank 0 while a run trains and while its
-  export is evaluated. A second command on the same directory (a requeue while the first still runs, a second
-  terminal) gets one line naming the holder and a non-zero exit, or waits for it with ``--wait``. The kernel drops
-  the lock when its holder dies, so a killed run never leaves a stale lock. (``flock`` on NFS is only as good as
-  the NFS server's lock manager; on a local or Lustre file system it is exact.)
-- :class:`StopRequest`: SIGTERM and SIGUSR1 (what Slurm sends before pre-empting or at ``--signal``) set a flag; the
-  trainer saves a checkpoint at the next step boundary and raises :class:`Preempted`, and ``repro.run`` exits with
-  :data:`PREEMPTED_EXIT`, the status the Slurm script requeues on. Rerunning the command resumes exactly.
+:func:`run_lock`: an exclusive ``flock`` on ``RUN_DIR/.lock``, held by rank 0 while a run trains and while its export
+is evaluated. A second command on the same directory (a requeue while the first still runs, a second terminal) gets
+one line naming the holder and a non-zero exit, or waits for it with ``--wait``. The kernel drops the lock when its
+holder dies, so a killed run never leaves a stale lock. (``flock`` on NFS is only as good as the NFS server's lock
+manager; on a local or Lustre file system it is exact.) Pre-emption signals are :mod:`repro.signals`.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -27,23 +23,10 @@ from repro import distributed
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-PREEMPTED_EXIT = 75
-"""Exit status of a run stopped by SIGTERM/SIGUSR1 after saving its checkpoint (EX_TEMPFAIL: retry me)."""
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class RunLocked(RuntimeError):
     """Another process holds the run directory; the message names it."""
-
-
-class Preempted(RuntimeError):
-    """A stop signal arrived; the checkpoint of the step boundary it names is saved."""
-
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} at step {step}; checkpoint saved in {run_dir}; rerun the same command "
-                         "to resume")
-        self.signum, self.step = signum, step
 
 
 @contextlib.contextmanager
@@ -77,28 +60,3 @@ def run_lock(run_dir: Path, *, main: bool = True, wait: bool = False) -> Iterato
     finally:
         if f is not None:
             f.close()  # closing the descriptor releases the flock
-
-
-class StopRequest:
-    """Catches SIGTERM/SIGUSR1 while active (main thread only) and remembers the first one."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        for s in STOP_SIGNALS:
-            try:
-                self._previous[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: leave the defaults
-                break
-
-    def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)  # type: ignore[arg-type]
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if not self.signum:
-            self.signum = signum
-            log.warning("%s received: saving a checkpoint at the next step boundary", signal.Signals(signum).name)

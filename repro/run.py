@@ -29,7 +29,7 @@ from repro.config import ConfigError, RunConfig, apply_overrides, parse_set_args
 from repro.data import DataError, load_data
 from repro.errors import NonFiniteLoss, say_line
 from repro.evaluate import evaluate
-from repro.lock import PREEMPTED_EXIT, Preempted, RunLocked
+from repro.lock import RunLocked
 from repro.pretrain import has_pretrain_record, pretrain, pretrain_record, random_init_export
 from repro.recipes import RECIPES, build_config, default_recipe
 from repro.records import (
@@ -37,6 +37,7 @@ from repro.records import (
     run_dir_path,
 )
 from repro.registry import METHODS
+from repro.signals import PREEMPTED_EXIT, Preempted
 
 log = logging.getLogger("repro")
 

@@ -49,13 +49,13 @@ from repro.config import ConfigError, RunConfig
 from repro.data import DatasetSplits
 from repro.distributed import DistInfo
 from repro.errors import NonFiniteLoss
-from repro.lock import Preempted, StopRequest
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
 from repro.precision import autocast
 from repro.records import DATA_BOUND_SHARE
 from repro.schedules import cosine_after_warmup
 from repro.seeds import step_seed
+from repro.signals import Preempted, StopRequest
 from repro.sources import StepSampler, make_batch_source
 
 log = logging.getLogger(__name__)

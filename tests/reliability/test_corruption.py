@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, PREVIOUS_CHECKPOINT, load_checkpoint, verify_file
-from repro.lock import PREEMPTED_EXIT
+from repro.signals import PREEMPTED_EXIT
 from tests.reliability.conftest import error_line, run_module, tree
 from tests.reliability.test_preemption import start, wait_until
 from tests.reliability.test_resume import STEPS, cli_args, logged
