@@ -208,12 +208,14 @@ def resize_crop(image: Tensor, box: tuple[float, float, float, float], size: int
     return out.flip(-1) if flip else out
 
 
-def _read(path: str) -> bytes:
+def read_file(path: str) -> bytes:
+    """An encoded image's bytes (the streamed path's first stage; ``repro.bench.data_stages`` times it alone)."""
     with open(path, "rb") as f:
         return f.read()
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header alone (what a crop is planned from before decoding)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
@@ -291,7 +293,7 @@ class _FastLoad:
         self.spec, self.size = spec, size
 
     def __call__(self, path: str, seed: int) -> tuple[Tensor, ...]:
-        return fast_crops(_read(path), self.spec, self.size, seed)
+        return fast_crops(read_file(path), self.spec, self.size, seed)
 
 
 @dataclass
@@ -314,8 +316,8 @@ class _BytesLoad:
         self.spec = spec
 
     def __call__(self, path: str, seed: int) -> Encoded:
-        data = _read(path)
-        width, height = _header_size(data)
+        data = read_file(path)
+        width, height = header_size(data)
         plan = plan_crops(self.spec, height, width, seed)
         if _is_jpeg(data):
             return Encoded(path, torch.frombuffer(bytearray(data), dtype=torch.uint8), True, plan)
@@ -482,7 +484,7 @@ class _EvalLoad:
         self.size = size
 
     def __call__(self, path: str, seed: int) -> tuple[Tensor]:
-        return (eval_view(_read(path), self.size),)
+        return (eval_view(read_file(path), self.size),)
 
 
 class _InOrder(torch.utils.data.Sampler):

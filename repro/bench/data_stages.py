@@ -21,8 +21,8 @@ device; on a GPU it overlaps the workers.
 It also makes photo-like JPEGs for the benchmark and the tests (:func:`write_jpeg_folder`):
 ``python -m repro.bench.data_stages OUT_DIR N`` writes N of them as an ImageFolder under OUT_DIR.
 
-It times the pipeline's own functions, two of which are private to :mod:`repro.sources` (``_read``,
-``_header_size``): a rename there must follow here.
+It times the pipeline's own functions, all public in :mod:`repro.sources` (``read_file``, ``header_size``,
+``plan_crops``, ``decode_for_crops``, ``crops_of``), so the stages timed are the stages the loader runs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from repro.data import IMAGENET_MEAN, IMAGENET_STD, FileImages
-from repro.sources import DeviceViews, _header_size, _read, crops_of, decode_for_crops, plan_crops
+from repro.sources import DeviceViews, crops_of, decode_for_crops, header_size, plan_crops, read_file
 from repro.views import ViewSpec, pil_view_parts
 
 STAGES = ("read", "decode", "crop", "augment", "collate")
@@ -89,17 +89,17 @@ def measure_stages(files: FileImages, spec: ViewSpec, size: int, decode: str, *,
             return out
 
         def header_and_plan(data: bytes, seed: int) -> torch.Tensor:  # all a worker does for decode=gpu
-            w, h = _header_size(data)
+            w, h = header_size(data)
             plan_crops(spec, h, w, seed)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
         for p in paths[: min(len(paths), 8)]:  # warm the page cache and lazy imports
-            _read(p)
+            read_file(p)
         outs: list[tuple[torch.Tensor, ...]] = []
         crop, per_view = pil_view_parts(spec, size, IMAGENET_MEAN, IMAGENET_STD)
         one_crop = spec.count == 1 or spec.shared_crop
         for i, p in enumerate(paths):
-            data = timed("read", _read, p)
+            data = timed("read", read_file, p)
             if decode == "pil":
                 img = timed("decode", _pil_decode, data)
                 if one_crop:
