@@ -11,8 +11,7 @@ import torch
 
 from repro.config import RunConfig
 from repro.recipes import build_config
-from repro.registry import METHODS
-from repro.registry import build_method as registry_build_method
+from repro.registry import METHODS, build_method
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -79,14 +78,16 @@ def float64_mimco_teacher() -> Path:
     return _TEACHERS["t64"]
 
 
-def build_method(method: str, seed: int = 0, **overrides):
+def tiny_method(method: str, seed: int = 0, **overrides):
+    """``(cfg, method)``: ``method`` built on the tiny recipe at the test size (:data:`SMALL`), weights seeded by
+    ``seed``; a prerequisite export the overrides do not give is the session's (:func:`mimco_teacher`)."""
     pre = METHODS[method].prerequisite
     if pre is not None and f"method.{pre.config_field}" not in overrides:
         assert pre.method == "mocov3", "a new prerequisite needs its own session fixture"
         overrides[f"method.{pre.config_field}"] = str(mimco_teacher())
     cfg = tiny_config(method, **overrides)
     torch.manual_seed(seed)
-    return cfg, registry_build_method(cfg)
+    return cfg, build_method(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,12 @@ import torch
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
 from repro.views import TensorAugment
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_train_step_throughput(benchmark, name):
-    _, m = build_method(name, **{"model.depth": 6})
+    _, m = tiny_method(name, **{"model.depth": 6})
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     images = (torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     augment = TensorAugment(m.views, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

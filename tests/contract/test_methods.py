@@ -10,7 +10,7 @@ from repro.config import ConfigError
 from repro.export import export_backbone, load_export, load_strict, teacher_meta
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 
 ALL = sorted(METHODS)
 
@@ -23,7 +23,7 @@ def _batch(method, b=8, seed=0):
 
 @pytest.mark.parametrize("name", ALL)
 def test_finite_loss_and_logs(name):
-    _, m = build_method(name)
+    _, m = tiny_method(name)
     out = m(_batch(m), StepInfo(0, 10))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.logs and all(v.dim() == 0 and torch.isfinite(v) for v in out.logs.values())
@@ -44,7 +44,7 @@ MOMENTUM_PREFIXES = {"mocov3": ("momentum_backbone.", "momentum_projector."),
 @pytest.mark.parametrize("name", ALL)
 def test_one_step_changes_online_weights_only(name):
     """A step moves the online encoder; momentum/teacher/frozen weights change only in after_optimizer_step."""
-    _, m = build_method(name)
+    _, m = tiny_method(name)
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     fixed = _fixed_state(m)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
@@ -70,7 +70,7 @@ def test_one_step_changes_online_weights_only(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_deterministic_under_seed_and_controlled_inputs(name):
-    _, m = build_method(name)
+    _, m = tiny_method(name)
     batch = _batch(m)
     kw = m.controlled_inputs(8, torch.Generator().manual_seed(1))
     kw2 = m.controlled_inputs(8, torch.Generator().manual_seed(1))
@@ -88,7 +88,7 @@ def test_deterministic_under_seed_and_controlled_inputs(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_export_loads_strictly_into_timm(name, tmp_path):
-    cfg, m = build_method(name)
+    cfg, m = tiny_method(name)
     bb = m.eval_backbone()
     plain = timm.create_model(bb.timm_name, pretrained=False, **bb.timm_kwargs)
     load_strict(plain, bb.export_state_dict(), name)
@@ -107,13 +107,13 @@ def test_export_loads_strictly_into_timm(name, tmp_path):
 
 @pytest.mark.parametrize("name", ALL)
 def test_flops_per_image_positive(name):
-    _, m = build_method(name)
+    _, m = tiny_method(name)
     assert m.flops_per_image() > 0
 
 
 def test_micl_matches_an_independent_implementation():
     """Re-derive MiCL's loss from the spec with plain timm calls and per-image loops."""
-    _, m = build_method("micl")
+    _, m = tiny_method("micl")
     m.eval()
     batch = _batch(m, b=6)
     x = batch.views[0]
@@ -148,10 +148,10 @@ def test_micl_matches_an_independent_implementation():
 
 
 def test_micl_refuses_loss_groups_that_cannot_be_exact():
-    _, m = build_method("micl", **{"method.loss_group_size": 3})
+    _, m = tiny_method("micl", **{"method.loss_group_size": 3})
     with pytest.raises(ConfigError, match="loss_group_size=3"):
         m(_batch(m, b=8), StepInfo(0, 1))
-    _, m = build_method("micl", **{"method.loss_group_size": 1800})
+    _, m = tiny_method("micl", **{"method.loss_group_size": 1800})
     assert (m.group_size(900, 8), m.group_size(3600, 2), m.group_size(1800, 4), m.group_size(64, 2)) == \
         (1800, 1800, 1800, 128)  # 2 devices a group; 2 groups a device; the official layout; below one group
     with pytest.raises(ConfigError):
@@ -159,7 +159,7 @@ def test_micl_refuses_loss_groups_that_cannot_be_exact():
 
 
 def test_micl_loss_groups_reproduce_per_device_negatives():
-    _, m = build_method("micl", **{"method.loss_group_size": 4})
+    _, m = tiny_method("micl", **{"method.loss_group_size": 4})
     batch = _batch(m, b=8)
     noise = torch.rand(8, 64)
     grouped = m(batch, StepInfo(0, 1), noise=noise).loss
@@ -169,7 +169,7 @@ def test_micl_loss_groups_reproduce_per_device_negatives():
 
 def test_mae_matches_an_independent_implementation():
     """MAE's loss from the spec: visible-only encoder, decoder unshuffle, norm-pix MSE on masked patches."""
-    _, m = build_method("mae")
+    _, m = tiny_method("mae")
     m.eval()
     x = _batch(m, b=3).views[0]
     noise = torch.rand(3, 64)
@@ -213,7 +213,7 @@ def test_the_contract_refuses_a_method_that_leaves_out_a_part():
         def flops_per_image(self) -> float:
             return 1.0
 
-    _, mae = build_method("mae")
+    _, mae = tiny_method("mae")
     with pytest.raises(TypeError, match="forward"):
         NoForward(mae.cfg, mae.backbone)
 

@@ -27,7 +27,7 @@ from repro.data import load_data
 from repro.distributed import DistInfo
 from repro.registry import METHODS
 from repro.trainer import Trainer
-from tests.conftest import build_method, float64_mimco_teacher
+from tests.conftest import float64_mimco_teacher, tiny_method
 
 HERE = Path(__file__).parent
 GOLDEN = {torch.float32: HERE / "losses.json", torch.float64: HERE / "losses_fp64.json"}
@@ -91,7 +91,7 @@ def first_logs(method: str, tmp_path: Path, dtype: torch.dtype = torch.float32, 
         if method == "mimco" and dtype == torch.float64:
             overrides["method.teacher"] = str(float64_mimco_teacher())
         with default_dtype(dtype):
-            cfg, m = build_method(method, **overrides)
+            cfg, m = tiny_method(method, **overrides)
         m.to(dtype)
         t = Trainer(cfg, m, load_data(cfg.data), DistInfo(0, 1, 0, torch.device("cpu"), None), tmp_path,
                     progress=False)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from repro.method import Batch, PretrainMethod, StepInfo
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 from tests.parity import name_maps
 from tests.parity.name_maps import Rules, to_ours
 
@@ -93,7 +93,7 @@ def build(method: str, config: dict[str, Any]) -> PretrainMethod:
         overrides["method.loss_group_size"] = None  # the whole batch is one negative group, as the fixture's
     if method == "mocov3":
         assert config["world_size"] == 1, "keys were gathered over one process, as ours on one process"
-    _, model = build_method(method, **overrides)
+    _, model = tiny_method(method, **overrides)
     return model.train()
 
 

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from repro.method import Batch
 from repro.records import read_records
 from repro.trainer import Plan, Trainer
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 from tests.reliability.conftest import sets, subprocess_env
 
 GLOBAL_BATCH, STEPS, WORLD = 8, 3, 2
@@ -68,7 +68,7 @@ def train_steps(name: str, overrides: dict, rank: int, world: int, wrap) -> tupl
     the final state dict."""
     from repro import distributed
 
-    cfg, method = build_method(name, seed=0, **overrides)  # the same initial weights in every process
+    cfg, method = tiny_method(name, seed=0, **overrides)  # the same initial weights in every process
     method.double()
     model = wrap(method)
     p = plan()

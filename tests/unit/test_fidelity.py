@@ -12,7 +12,7 @@ from repro.config import ConfigError
 from repro.masking import random_block_mask
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 
 
 def _bf16(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -58,16 +58,16 @@ def test_float64_inputs_stay_float64():
 
 
 def test_conmim_exports_the_teacher_by_default():
-    _, m = build_method("conmim")
+    _, m = tiny_method("conmim")
     assert m.eval_backbone() is m.teacher_backbone
-    _, s = build_method("conmim", **{"method.export_encoder": "student"})
+    _, s = tiny_method("conmim", **{"method.export_encoder": "student"})
     assert s.eval_backbone() is s.backbone
     with pytest.raises(ConfigError, match="export_encoder.*'teacher', 'student'"):
-        build_method("conmim", **{"method.export_encoder": "momentum"})
+        tiny_method("conmim", **{"method.export_encoder": "momentum"})
 
 
 def test_conmim_has_beit_init():
-    _, m = build_method("conmim")
+    _, m = tiny_method("conmim")
     vit = m.backbone.vit
     for t in (vit.cls_token, vit.pos_embed, m.backbone.mask_token, vit.blocks[0].attn.qkv.weight,
               m.projector[0].weight, vit.patch_embed.proj.weight):
@@ -93,14 +93,14 @@ def test_random_block_masking_rounds_the_masked_count_up():
 def test_conmim_refuses_a_mask_that_masks_nothing():
     # a 16-patch minimum rectangle never fits strictly inside a 2x2 grid: BEiT's generator would mask nothing
     with pytest.raises(ConfigError, match="no masked patch"):
-        build_method("conmim", **{"model.img_size": 8, "method.num_mask_patches": 2})
-    _, m = build_method("conmim")
+        tiny_method("conmim", **{"model.img_size": 8, "method.num_mask_patches": 2})
+    _, m = tiny_method("conmim")
     out = m(Batch((torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))), StepInfo(0, 1))
     assert torch.isfinite(out.loss)
 
 
 def test_mocov3_crops_are_bilinear_like_main_moco():
-    _, m = build_method("mocov3")
+    _, m = tiny_method("mocov3")
     assert m.views.interpolation == "bilinear"
-    _, mae = build_method("mae")
+    _, mae = tiny_method("mae")
     assert mae.views.interpolation == "bicubic"

@@ -10,7 +10,7 @@ from repro.flops import count_flops, measure_step_flops, mfu, vit_forward_flops
 from repro.method import Batch, StepInfo
 from repro.registry import METHODS
 from repro.views import TensorAugment
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 
 # timm's model cards: forward GMACs at 224 px (ViT-S/16, ViT-B/16, ViT-L/16)
 TIMM_GMACS = {
@@ -48,7 +48,7 @@ def test_hand_count_of_one_block():
 def test_method_flops_per_image_match_counted_training_step(name):
     """Each method's analytic count (trained parts 3x, frozen/momentum 1x, first layer 2x, logits where counted)
     against the FLOPs PyTorch sees in a real forward + backward of the tiny-recipe model."""
-    _, m = build_method(name)
+    _, m = tiny_method(name)
     images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     batch = Batch(TensorAugment(m.views, 32, (0.5,) * 3, (0.25,) * 3)(images))
     counted = measure_step_flops(m, batch, StepInfo(0, 10))
@@ -56,7 +56,7 @@ def test_method_flops_per_image_match_counted_training_step(name):
 
 
 def test_counting_restores_fused_attention():
-    _, m = build_method("mae")
+    _, m = tiny_method("mae")
     flags = [mod.fused_attn for mod in m.modules() if hasattr(mod, "fused_attn")]
     assert flags, "timm attention modules expected"
     images = torch.randn(2, 3, 32, 32)

@@ -215,10 +215,10 @@ def _trainer(d: Path, dies_at: int | None = None):
     """A 6-step MiCL trainer that checkpoints at every logging step (2, 4, 6); ``dies_at``: killed at that step."""
     from repro.data import load_data
     from repro.trainer import Trainer
-    from tests.conftest import build_method
+    from tests.conftest import tiny_method
     from tests.unit.test_trainer import CPU
 
-    cfg, m = build_method("micl", **{"budget.spec": "6steps", "train.log_every": 2, "train.ckpt_every_s": 0.0})
+    cfg, m = tiny_method("micl", **{"budget.spec": "6steps", "train.log_every": 2, "train.ckpt_every_s": 0.0})
     t = Trainer(cfg, m, load_data(cfg.data), CPU, d, progress=False)
     if dies_at is not None:
         real = t.source.batch

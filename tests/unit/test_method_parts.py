@@ -31,7 +31,7 @@ from repro.views import (
     gaussian_blur,
     pil_view_parts,
 )
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 
 # ---------------------------------------------------------------------------------------------- MoCo v3
 
@@ -57,7 +57,7 @@ def test_moco_gather_labels_are_offset_by_rank():
 
 
 def test_mocov3_forward_uses_gathered_keys_and_rank_offset(monkeypatch):
-    _, m = build_method("mocov3")
+    _, m = tiny_method("mocov3")
     views = tuple(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2))
     other = torch.randn(4, m.cfg.dim)  # what "rank 0" contributed
     monkeypatch.setattr(distributed, "all_gather", lambda x: torch.cat([other, x.detach()]))
@@ -81,7 +81,7 @@ def test_momentum_schedules_end_points():
     assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
     assert cosine_momentum(0.99, 1.0) == 1.0
     assert cosine_momentum(0.996, 0.0) == pytest.approx(0.996)
-    _, m = build_method("mocov3")
+    _, m = tiny_method("mocov3")
     # applied after step s = the official value at iteration s + 1: the last update uses m = 1
     assert m.momentum_at(StepInfo(0, 100)) == pytest.approx(cosine_momentum(0.99, 0.01))
     assert m.momentum_at(StepInfo(99, 100)) == 1.0
@@ -175,13 +175,13 @@ def test_patch_info_nce_targets_own_position_on_masked_rows():
 
 
 def test_conmim_views_student_plain_teacher_strong_same_crop():
-    _, m = build_method("conmim")
+    _, m = tiny_method("conmim")
     spec = m.views
     assert spec.shared_crop and spec.photometric == (NONE, BYOL_VIEW2) and spec.scale == (0.08, 1.0)
 
 
 def test_conmim_loss_uses_caller_mask_and_teacher_sees_view_two_unmasked():
-    _, m = build_method("conmim")
+    _, m = tiny_method("conmim")
     g = torch.Generator().manual_seed(0)
     x_s, x_t = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
     mask = m.controlled_inputs(4, g)["mask"]
@@ -198,7 +198,7 @@ def test_conmim_loss_uses_caller_mask_and_teacher_sees_view_two_unmasked():
 
 
 def test_mimco_teacher_is_frozen_in_eval_mode():
-    _, m = build_method("mimco")
+    _, m = tiny_method("mimco")
     m.train()
     assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
     assert all(not mod.training for mod in m.teacher.modules())
@@ -211,14 +211,14 @@ def test_mimco_refuses_a_teacher_without_projector(tmp_path):
     for f in ("backbone.safetensors", "backbone.json"):
         (tmp_path / f).write_bytes((src / f).read_bytes())
     with pytest.raises(CheckpointError, match="projector.safetensors"):
-        build_method("mimco", **{"method.teacher": str(tmp_path)})
+        tiny_method("mimco", **{"method.teacher": str(tmp_path)})
 
 
 # ---------------------------------------------------------------------------------------------- MACRL
 
 
 def test_memory_bank_is_fifo():
-    _, m = build_method("macrl", **{"method.bank_size": 5, "method.proj_dim": 2})
+    _, m = tiny_method("macrl", **{"method.bank_size": 5, "method.proj_dim": 2})
     bank = m.bank
     keys = [F.normalize(torch.randn(2, 2), dim=1) for _ in range(3)]
     for k in keys:
@@ -231,7 +231,7 @@ def test_memory_bank_is_fifo():
 
 
 def test_macrl_enqueues_both_key_sets_after_the_optimizer_step():
-    _, m = build_method("macrl", **{"method.bank_size": 64})
+    _, m = tiny_method("macrl", **{"method.bank_size": 64})
     before = m.bank.keys.clone()
     kw = m.controlled_inputs(8, torch.Generator().manual_seed(0))
     m(Batch(tuple(torch.randn(8, 3, 32, 32) for _ in range(2))), StepInfo(0, 10), **kw)
@@ -323,7 +323,7 @@ def test_micl_without_augmentation_sees_the_whole_image_unflipped():
     """method.augment=none (the paper's no-hand-crafted-augmentation claim): the view is the image itself, on the
     batched path as on torchvision's; the default keeps the official crop + flip, and the field at its default
     leaves the config hash of every run from before it as it was."""
-    cfg, m = build_method("micl", **{"method.augment": "none"})
+    cfg, m = tiny_method("micl", **{"method.augment": "none"})
     size = cfg.model.img_size
     images = torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -334,8 +334,8 @@ def test_micl_without_augmentation_sees_the_whole_image_unflipped():
     pil = TF.to_pil_image(images[0])
     assert all(crop(pil).tobytes() == pil.tobytes() for _ in range(5))
 
-    cfg0, m0 = build_method("micl")
+    cfg0, m0 = tiny_method("micl")
     assert m0.views.scale == (0.2, 1.0) and m0.views.hflip == 0.5
     assert "augment" not in cfg0.hash_inputs()["method_cfg"] and cfg.config_hash() != cfg0.config_hash()
     with pytest.raises(ConfigError, match="method.augment"):
-        build_method("micl", **{"method.augment": "flip"})
+        tiny_method("micl", **{"method.augment": "flip"})

@@ -22,7 +22,7 @@ from repro.recipes import build_config
 from repro.records import ResultRecord
 from repro.trainer import Plan, build_optimizer, resolve_hparams, train_step
 from repro.views import TensorAugment
-from tests.conftest import build_method, tiny_config
+from tests.conftest import tiny_config, tiny_method
 
 CPU = torch.device("cpu")
 
@@ -86,7 +86,7 @@ def test_config_hash_keeps_old_hashes_and_separates_bf16_on_cpu(monkeypatch: pyt
 def _one_step(method_name: str, precision: str) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The loss of one trainer step of ``method_name`` (same init, batch and draws every call), the weights before
     and after it."""
-    cfg, m = build_method(method_name)  # seeded: the same initial weights every call
+    cfg, m = tiny_method(method_name)  # seeded: the same initial weights every call
     before = copy.deepcopy(m.state_dict())
     hp = resolve_hparams(cfg)
     plan = Plan(10, hp["global_batch"], 1, hp["lr"], hp["min_lr"], 0, hp["weight_decay"], hp["betas"], "t", "steps",

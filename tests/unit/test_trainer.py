@@ -7,7 +7,7 @@ from repro.config import ConfigError
 from repro.data import load_data
 from repro.distributed import DistInfo
 from repro.trainer import NonFiniteLoss, Plan, Trainer, build_optimizer, lr_at
-from tests.conftest import build_method
+from tests.conftest import tiny_method
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
@@ -59,7 +59,7 @@ DECAY_SETS = {
 
 @pytest.mark.parametrize("method", sorted(DECAY_SETS))
 def test_each_method_decays_what_its_official_code_decays(method):
-    cfg, m = build_method(method)
+    cfg, m = tiny_method(method)
     opt = build_optimizer(m, cfg, plan(), torch.device("cpu"))
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -77,14 +77,14 @@ def test_each_method_decays_what_its_official_code_decays(method):
 
 
 def test_a_method_without_a_weight_decay_rule_is_refused():
-    cfg, m = build_method("mae")
+    cfg, m = tiny_method("mae")
     m.weight_decay_rule = None  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="weight_decay_rule"):
         build_optimizer(m, cfg, plan(), torch.device("cpu"))
 
 
 def _trainer(tmp_path, method="micl", budget="12steps", **over):
-    cfg, m = build_method(method, **{"budget.spec": budget, "train.log_every": 3, "train.ckpt_every_s": 0.0,
+    cfg, m = tiny_method(method, **{"budget.spec": budget, "train.log_every": 3, "train.ckpt_every_s": 0.0,
                                      **over})
     data = load_data(cfg.data)
     return Trainer(cfg, m, data, CPU, tmp_path, progress=False), m
