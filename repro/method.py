@@ -128,8 +128,9 @@ class Prerequisite:
 class PretrainMethod(nn.Module, abc.ABC):
     """Base class of every pre-training method (see DESIGN.md, "The method contract").
 
-    A subclass must define :meth:`forward`, :attr:`views`, :meth:`flops_per_image`, ``name``, ``config_cls`` and
-    ``weight_decay_rule``; Python refuses to build one that misses an abstract member.
+    A subclass must define ``name``, ``config_cls`` and ``weight_decay_rule`` (checked when the class is defined:
+    :meth:`__init_subclass__` raises ``TypeError``) and :meth:`forward`, :attr:`views`, :meth:`flops_per_image`
+    (abstract: Python refuses to build an instance of a class that misses one).
     """
 
     name: ClassVar[str] = ""
@@ -141,6 +142,19 @@ class PretrainMethod(nn.Module, abc.ABC):
     """Which parameters AdamW decays, as the official code does (no default: each method states its own)."""
     sync_batchnorm: ClassVar[bool] = True
     """Whether BatchNorm statistics span every device under DDP (MoCo v3 converts to SyncBN; ConMIM does not)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        missing = []
+        if not (isinstance(getattr(cls, "name", None), str) and cls.name):
+            missing.append("name (a non-empty str: its key in repro.registry.METHODS)")
+        config_cls = getattr(cls, "config_cls", None)
+        if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+            missing.append("config_cls (a MethodConfig subclass)")
+        if not isinstance(getattr(cls, "weight_decay_rule", None), WeightDecayRule):
+            missing.append("weight_decay_rule (a WeightDecayRule: what the official code decays)")
+        if missing:
+            raise TypeError(f"method class {cls.__qualname__} must define {'; '.join(missing)} (repro.method)")
 
     def __init__(self, cfg: MethodConfig, backbone: MaskedViT) -> None:
         super().__init__()
@@ -163,11 +177,11 @@ class PretrainMethod(nn.Module, abc.ABC):
         """The augmentation pipeline the data loader must produce for this method."""
 
     @abc.abstractmethod
-    def forward(self, *args: Any, **kwargs: Any) -> StepOutput:
-        """``forward(batch: Batch, step: StepInfo, **controlled) -> StepOutput``: the loss of one step.
-        ``controlled`` are the keyword arguments of :meth:`controlled_inputs` (each method names its own: noise,
-        mask, ...); without them the method draws its randomness itself. (Typed loosely here so that each method
-        can name its own keywords.)"""
+    def forward(self, batch: Batch, step: StepInfo, *args: Any, **controlled: Any) -> StepOutput:
+        """The loss of one step. ``controlled`` are the keyword arguments of :meth:`controlled_inputs` (each method
+        names its own, keyword-only: ``noise``, ``mask``, ...); without them the method draws its randomness
+        itself. (``*args: Any, **controlled: Any`` is how mypy lets an override add its own keywords while it still
+        checks ``batch``, ``step`` and the return type; no caller passes more positional arguments.)"""
 
     def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Draw this method's internal randomness (mask noise, boolean masks) as ``forward`` keyword arguments.

@@ -45,7 +45,7 @@ from repro.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from repro.config import ConfigError, RunConfig
+from repro.config import RunConfig
 from repro.data import DatasetSplits
 from repro.distributed import DistInfo
 from repro.errors import NonFiniteLoss
@@ -203,9 +203,7 @@ def resolve_hparams(cfg: RunConfig) -> dict[str, Any]:
 
 def weight_decay_groups(method: PretrainMethod, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in two groups, decayed or not by the method's declared :class:`WeightDecayRule`."""
-    rule = getattr(method, "weight_decay_rule", None)
-    if rule is None:
-        raise ConfigError(f"method {method.name!r} declares no weight_decay_rule (see repro.method.WeightDecayRule)")
+    rule = method.weight_decay_rule  # every method class declares one (PretrainMethod.__init_subclass__)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for n, p in method.named_parameters():

@@ -200,11 +200,13 @@ def test_mae_matches_an_independent_implementation():
 def test_the_contract_refuses_a_method_that_leaves_out_a_part():
     from dataclasses import dataclass
 
-    from repro.method import MethodConfig, PretrainMethod
+    from repro.method import MAE_DECAY, MethodConfig, PretrainMethod
     from repro.views import ViewSpec
 
     class NoForward(PretrainMethod):  # views and FLOPs, but no loss
         name = "noforward"
+        config_cls = METHODS["mae"].config_cls
+        weight_decay_rule = MAE_DECAY
 
         @property
         def views(self):
@@ -227,3 +229,41 @@ def test_the_contract_refuses_a_method_that_leaves_out_a_part():
     for name, cls in METHODS.items():  # every registered method states all six from its paper
         cfg = cls.paper_config()
         assert cfg.batch_size > 0 and cfg.epochs > 0 and cfg.betas and cfg.weight_decay >= 0, name
+
+
+def test_a_method_class_missing_name_config_or_decay_rule_is_refused_when_defined():
+    from repro.method import MAE_DECAY, MethodConfig, PretrainMethod, WeightDecayRule
+
+    cfg_cls = METHODS["mae"].config_cls
+    with pytest.raises(TypeError, match=r"NoRule must define weight_decay_rule"):
+        class NoRule(PretrainMethod):
+            name = "norule"
+            config_cls = cfg_cls
+
+    with pytest.raises(TypeError, match=r"must define name .*; config_cls .*; weight_decay_rule"):
+        class Nothing(PretrainMethod):
+            pass
+
+    with pytest.raises(TypeError, match=r"config_cls \(a MethodConfig subclass\)"):
+        class PlainConfig(PretrainMethod):
+            name = "plain"
+            config_cls = dict
+            weight_decay_rule = MAE_DECAY
+
+    with pytest.raises(TypeError, match="weight_decay_rule"):
+        class RuleNone(PretrainMethod):
+            name = "rulenone"
+            config_cls = cfg_cls
+            weight_decay_rule = None
+
+    class Complete(PretrainMethod):  # defining it is enough to pass; forward & co. are checked when one is built
+        name = "complete"
+        config_cls = cfg_cls
+        weight_decay_rule = WeightDecayRule(False)
+
+    class Inherits(Complete):  # a subclass of a complete method inherits what it declares
+        pass
+
+    assert Inherits.weight_decay_rule == WeightDecayRule(False)
+    for name, cls in METHODS.items():  # every registered method was defined, so it declares all three
+        assert cls.name == name and issubclass(cls.config_cls, MethodConfig) and cls.weight_decay_rule
