@@ -11,7 +11,7 @@ import torch
 
 from repro.config import RunConfig
 from repro.recipes import build_config
-from repro.registry import METHODS, build_method
+from repro.registry import build_method, with_prerequisite
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -81,13 +81,15 @@ def float64_mimco_teacher() -> Path:
 def tiny_method(method: str, seed: int = 0, **overrides):
     """``(cfg, method)``: ``method`` built on the tiny recipe at the test size (:data:`SMALL`), weights seeded by
     ``seed``; a prerequisite export the overrides do not give is the session's (:func:`mimco_teacher`)."""
-    pre = METHODS[method].prerequisite
-    if pre is not None and f"method.{pre.config_field}" not in overrides:
-        assert pre.method == "mocov3", "a new prerequisite needs its own session fixture"
-        overrides[f"method.{pre.config_field}"] = str(mimco_teacher())
-    cfg = tiny_config(method, **overrides)
+    cfg = with_prerequisite(tiny_config(method, **overrides), session_prerequisite)
     torch.manual_seed(seed)
     return cfg, build_method(cfg)
+
+
+def session_prerequisite(method: str) -> Path:
+    """The session's export of a prerequisite stage (MimCo's teacher: :func:`mimco_teacher`)."""
+    assert method == "mocov3", "a new prerequisite needs its own session fixture"
+    return mimco_teacher()
 
 
 @pytest.fixture(scope="session")
