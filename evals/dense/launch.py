@@ -30,8 +30,9 @@ import torch
 
 from evals.dense.options import DenseError, DenseJob, cfg_options, read_geometry
 from evals.dense.tasks import TASKS
-from repro.checkpoint import CheckpointError, atomic_write_text, read_export
+from repro.checkpoint import CheckpointError, atomic_write_text
 from repro.config import ConfigError, coerce, parse_set_args
+from repro.export import read_export
 from repro.records import ResultRecord, append_records
 
 INSTALL_HINT = "pip install -e '.[dense]' (mmengine 0.10.7, mmsegmentation 1.2.2, mmdet 3.3.0, mmcv-lite 2.1.0)"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from repro.checkpoint import read_export
+from repro.export import read_export
 
 
 class DenseError(ValueError):

@@ -34,7 +34,7 @@ from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_W
 from torch import Tensor, nn
 
 from evals.dense.options import DenseError, check_geometry, read_geometry, vit_geometry
-from repro.checkpoint import EXPORT_WEIGHTS, load_strict, read_export
+from repro.export import EXPORT_WEIGHTS, load_strict, read_export
 
 
 def build_export_vit(export: str | Path, drop_path_rate: float = 0.0) -> tuple[nn.Module, dict[str, Tensor]]:

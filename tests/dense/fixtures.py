@@ -9,7 +9,7 @@ import numpy as np
 import timm
 from PIL import Image
 
-from repro.checkpoint import ExportMeta, export_backbone
+from repro.export import ExportMeta, export_backbone
 
 COCO_CATEGORIES = [(1, "person", "person"), (3, "car", "vehicle"), (18, "dog", "animal")]
 """The categories the generated objects use; the JSON lists all of ``coco_category_names`` (COCO's 80)."""

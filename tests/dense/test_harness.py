@@ -24,7 +24,8 @@ from evals.dense.mmcv_ext import install  # noqa: E402
 install()
 import evals.dense.vit as dv  # noqa: E402
 from evals.dense.options import DenseError  # noqa: E402
-from repro.checkpoint import CheckpointError, read_export  # noqa: E402
+from repro.checkpoint import CheckpointError  # noqa: E402
+from repro.export import read_export  # noqa: E402
 from tests.conftest import ROOT, SHARED_DATA  # noqa: E402
 from tests.dense.fixtures import make_ade, make_coco, make_export  # noqa: E402
 

@@ -47,8 +47,8 @@ from evals.dense.tasks import (
     det_pipelines,
     seg_pipelines,
 )
-from repro.checkpoint import EXPORT_META, EXPORT_WEIGHTS
 from repro.config import ConfigError
+from repro.export import EXPORT_META, EXPORT_WEIGHTS
 from repro.records import read_records
 from tests.dense.fixtures import make_ade, make_coco, make_export
 
