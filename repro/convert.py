@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,9 @@ from torch import Tensor, nn
 from repro.backbone import create_timm_model
 from repro.checkpoint import CheckpointError, atomic_write, check_output_dir
 from repro.export import (
+    Conversion,
     ExportMeta,
+    ReleasedHead,
     converted_meta,
     export_backbone,
     load_safetensors,
@@ -257,23 +259,23 @@ def convert(fmt: str, checkpoint: Path, out: Path, num_heads: int | None = None)
     name, kwargs, heads_from = architecture(encoder, fmt, num_heads, checkpoint)
     model = create_timm_model(name, kwargs)
     load_strict(model, encoder, str(checkpoint))  # every encoder key used, every model key filled
-    head_info: dict = {}
+    released: ReleasedHead | None = None
     if head:
-        head_info = {"file": f"{HEAD_NAME}.safetensors", "num_classes": int(head["weight"].shape[0]),
-                     "best_acc1": _number(ckpt.get("best_acc1")), "epoch": _number(ckpt.get("epoch")),
-                     "arch": ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None,
-                     "source": f"{checkpoint.name} ({layout})"}
-        classifier = create_timm_model(name, {**kwargs, "num_classes": head_info["num_classes"]})
+        released = ReleasedHead(file=f"{HEAD_NAME}.safetensors", num_classes=int(head["weight"].shape[0]),
+                                best_acc1=_number(ckpt.get("best_acc1")), epoch=_number(ckpt.get("epoch")),
+                                arch=ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None,
+                                source=f"{checkpoint.name} ({layout})")
+        classifier = create_timm_model(name, {**kwargs, "num_classes": released.num_classes})
         load_strict(classifier, {**encoder, **{f"head.{k}": v for k, v in head.items()}}, str(checkpoint))
     size = sum(v.numel() * v.element_size() for v in (*encoder.values(), *head.values()))
     check_output_dir(out, size)
-    meta = converted_meta(name, kwargs, fmt, {
-        "converted_from": str(checkpoint.resolve()), "format": fmt, "layout": layout, "heads_from": heads_from,
-        "dropped": dropped, "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
-        **({"head": head_info} if head else {}),
-        "note": f"official {fmt} checkpoint {checkpoint.name}, converted by repro.convert"})
-    if head:  # before backbone.json, which marks the export complete
-        write_head(out, head, {k: v for k, v in head_info.items() if k != "file"})
+    epoch = ckpt.get("epoch")
+    conversion = Conversion(converted_from=str(checkpoint.resolve()), format=fmt, layout=layout, heads_from=heads_from,
+                            dropped=dropped, epoch=epoch if isinstance(epoch, int) else None, head=released)
+    meta = converted_meta(name, kwargs, conversion,
+                          note=f"official {fmt} checkpoint {checkpoint.name}, converted by repro.convert")
+    if released is not None:  # before backbone.json, which marks the export complete
+        write_head(out, head, {k: v for k, v in asdict(released).items() if k != "file"})
     export_backbone(out, model.state_dict(), meta)
     # what landed on disk is what was written: each file of the export against the checksum taken as it was written
     checked, _ = read_export(out, weights=False)
@@ -315,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"repro.convert: error: {e}", file=sys.stderr)
         return 2
-    log.info("%s (%s): %s %s -> %s (dropped: %s; weights sha256 %s, checked)", args.checkpoint,
-             meta.extra["layout"], meta.timm_model, meta.timm_kwargs, args.out,
-             ", ".join(f"{k} {v} tensors" for k, v in meta.extra["dropped"].items()) or "nothing",
-             meta.weights_sha256)
-    if "head" in meta.extra:
-        log.info("linear head kept: %s (%d classes, released best_acc1 %s)", args.out / meta.extra["head"]["file"],
-                 meta.extra["head"]["num_classes"], meta.extra["head"]["best_acc1"])
+    c = meta.conversion
+    assert c is not None
+    log.info("%s (%s): %s %s -> %s (dropped: %s; weights sha256 %s, checked)", args.checkpoint, c.layout,
+             meta.timm_model, meta.timm_kwargs, args.out,
+             ", ".join(f"{k} {v} tensors" for k, v in c.dropped.items()) or "nothing", meta.weights_sha256)
+    if c.head is not None:
+        log.info("linear head kept: %s (%d classes, released best_acc1 %s)", args.out / c.head.file,
+                 c.head.num_classes, c.head.best_acc1)
     return 0
 
 

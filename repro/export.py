@@ -13,7 +13,7 @@ checksums by :mod:`repro.checkpoint`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from repro.records import ResultRecord, git_revision, model_label, now_iso
 if TYPE_CHECKING:
     from repro.config import RunConfig
     from repro.data import DatasetSplits
+    from repro.trainer import TrainResult
 
 EXPORT_WEIGHTS = "backbone.safetensors"
 EXPORT_META = "backbone.json"
@@ -34,9 +35,123 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One stage of a two-stage pre-training (MimCo: its MoCo v3 teacher, then itself)."""
+
+    budget: str
+    steps: int
+    seconds: float
+    method: str | None = None
+    """Stage 1: the method it trained (the teacher)."""
+    final_loss: float | None = None
+    """Stage 1: its last logged loss."""
+    export: str | None = None
+    """Stage 1: its export directory."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pretraining:
+    """What a pre-training run planned and measured, from the trainer (``repro.trainer.TrainResult.facts``) to
+    ``backbone.json`` (its "extra" object) to every result record of the export (:func:`record_from_export`). None
+    where an export does not say: the random-init floor states only its recipe and 0 s, older exports lack the
+    fields added after them, converted releases state none."""
+
+    recipe: str = ""
+    pretrain_seconds: float | None = None
+    """Wall-clock of the training steps on this hardware (calibration excluded); both stages' of a two-stage run."""
+    device_hours: float | None = None
+    """pretrain_seconds x world_size / 3600."""
+    images_per_second: float | None = None
+    final_loss: float | None = None
+    """Mean loss of the last logging interval."""
+    data_wait_share: float | None = None
+    """Share of the wall-clock spent waiting for batches (``repro.records.DATA_BOUND_SHARE``)."""
+    device: str = ""
+    world_size: int | None = None
+    epochs: float | None = None
+    global_batch: int | None = None
+    lr: float | None = None
+    """Peak learning rate (after batch scaling)."""
+    warmup_steps: int | None = None
+    flops_per_image: float | None = None
+    """Analytic training FLOPs per image (``repro.flops``); None for a method without a count."""
+    seconds_per_step_calibrated: float | None = None
+    """Wall-clock budgets: the measured seconds per step the first plan divided the budget by."""
+    calibration_seconds: float | None = None
+    planned_steps: int | None = None
+    """Wall-clock budgets that re-planned: the first plan's step count (the export's ``steps`` are the last)."""
+    revisions: tuple[tuple[int, int], ...] = ()
+    """Wall-clock budgets: (step, new total steps) of each re-plan from the measured speed (``repro.plan``)."""
+    stage1: Stage | None = None
+    stage2: Stage | None = None
+
+    @classmethod
+    def from_json(cls, extra: dict[str, Any]) -> Pretraining:
+        d = _known(cls, extra)
+        d["revisions"] = tuple((int(s), int(t)) for s, t in d.get("revisions", ()))
+        for name in ("stage1", "stage2"):
+            if d.get(name) is not None:
+                d[name] = Stage(**_known(Stage, d[name]))
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleasedHead:
+    """The trained linear classifier of a released linear-classification checkpoint, kept beside its export."""
+
+    file: str
+    num_classes: int
+    best_acc1: float | None
+    """The top-1 the release reports for it (``main_lincls.py``'s ``best_acc1``)."""
+    epoch: float | None
+    arch: str | None
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Conversion:
+    """Where a converted export came from (``repro.convert``): the released file, its format and layout, where the
+    head count came from, what was dropped (part -> tensor count) and the classifier kept, if any."""
+
+    converted_from: str
+    format: str
+    layout: str
+    heads_from: str
+    dropped: dict[str, int]
+    epoch: int | None
+    head: ReleasedHead | None = None
+
+    @classmethod
+    def from_json(cls, extra: dict[str, Any]) -> Conversion:
+        d = _known(cls, extra)
+        d.setdefault("epoch", None)
+        if d.get("head") is not None:
+            d["head"] = ReleasedHead(**{"best_acc1": None, "epoch": None, "arch": None, **_known(ReleasedHead,
+                                                                                                 d["head"])})
+        return cls(**d)
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """The items of a JSON object that are fields of the dataclass ``cls`` (keys it does not know are left out)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _said(obj: Any) -> dict[str, Any]:
+    """A record as JSON: its fields that say something (None, '' and () are left out, as older exports lack them)."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if v is None or v == "" or v == ():
+            continue
+        out[f.name] = _said(v) if is_dataclass(v) else [list(r) for r in v] if f.name == "revisions" else v
+    return out
+
+
 @dataclass(frozen=True)
 class ExportMeta:
-    """``backbone.json``: everything needed to rebuild and evaluate the exported encoder."""
+    """``backbone.json``: everything needed to rebuild and evaluate the exported encoder, and what produced it."""
 
     timm_model: str
     timm_kwargs: dict[str, Any]
@@ -55,14 +170,29 @@ class ExportMeta:
     precision: str = ""
     """The resolved precision pre-training ran in ('fp32' or 'bf16'); '' in exports written before it was recorded
     (fp32 on CPU, bf16 on CUDA) and in exports no training produced (random init, converted checkpoints)."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    pretraining: Pretraining = field(default_factory=Pretraining)
+    conversion: Conversion | None = None
+    """Converted releases only (``repro.convert``)."""
+    note: str = ""
+    """A line for the pretrain record: how a two-stage budget was split, a teacher given from outside it, a release."""
     weights_sha256: str = field(default="", compare=False)
     """SHA-256 of the ``backbone.safetensors`` this metadata came with: set by :func:`read_export` from the bytes it
     verified (and by the export writers from the bytes they wrote); not stored in ``backbone.json`` (its sidecar
     ``backbone.safetensors.sha256`` is the record). Result records carry it (``export_sha256``)."""
 
+    _TYPED = ("pretraining", "conversion", "note", "weights_sha256")
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``backbone.json`` object. The run's facts, the conversion and the note share one "extra" object, the
+        layout every export has had."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._TYPED}
+        extra = {**_said(self.pretraining), **(_said(self.conversion) if self.conversion else {})}
+        d["extra"] = {**extra, **({"note": self.note} if self.note else {})}
+        return d
+
     @classmethod
     def from_json(cls, path: Path) -> ExportMeta:
+        """Read ``backbone.json``, of any version: fields added later take their defaults."""
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -70,17 +200,16 @@ class ExportMeta:
         missing = [k for k in ("timm_model", "timm_kwargs", "mean", "std") if k not in d]
         if missing:
             raise CheckpointError(f"{path}: missing fields {', '.join(missing)}")
-        known = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in known}
+        extra = d.get("extra") or {}
+        d = {k: v for k, v in _known(cls, d).items() if k not in cls._TYPED}
         d.setdefault("img_size", int(d["timm_kwargs"].get("img_size", 224)))
         d.setdefault("patch_size", int(d["timm_kwargs"].get("patch_size", 16)))
         for k, default in (("method", "unknown"), ("steps", 0), ("budget", ""), ("budget_seconds", None),
                            ("config_hash", ""), ("git_revision", "")):
             d.setdefault(k, default)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
-
-
+        conversion = Conversion.from_json(extra) if "converted_from" in extra else None
+        return cls(**d, pretraining=Pretraining.from_json(extra), conversion=conversion, note=extra.get("note", ""))
 
 
 # ---------------------------------------------------------------------------------------------- building the metadata
@@ -92,19 +221,20 @@ def _meta(backbone: MaskedViT, **fields: Any) -> ExportMeta:
                       patch_size=backbone.patch_size, **fields)
 
 
-def trained_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, steps: int, extra: dict,
-                 precision: str = "") -> ExportMeta:
-    """The metadata of a pre-training run's export: its config, data, budget and steps."""
-    return _meta(backbone, mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=steps,
+def trained_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, result: TrainResult) -> ExportMeta:
+    """The metadata of a pre-training run's export: its config, data and budget, and what the trainer planned and
+    measured (``result``)."""
+    return _meta(backbone, mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=result.steps,
                  budget=cfg.budget.spec.text, budget_seconds=cfg.budget.spec.seconds, config_hash=cfg.config_hash(),
-                 git_revision=git_revision(), dataset=data.name, seed=cfg.seed, precision=precision, extra=extra)
+                 git_revision=git_revision(), dataset=data.name, seed=cfg.seed, precision=result.precision,
+                 pretraining=result.facts(cfg.recipe))
 
 
 def random_init_meta(backbone: MaskedViT, data: DatasetSplits, seed: int, recipe: str) -> ExportMeta:
     """The metadata of the random-init floor: the backbone at step 0, no budget."""
     return _meta(backbone, mean=tuple(data.mean), std=tuple(data.std), method="random-init", steps=0, budget="-",
                  budget_seconds=0.0, config_hash="", git_revision=git_revision(), dataset=data.name, seed=seed,
-                 extra={"recipe": recipe, "pretrain_seconds": 0.0})
+                 pretraining=Pretraining(recipe=recipe, pretrain_seconds=0.0))
 
 
 def teacher_meta(backbone: MaskedViT, method: str) -> ExportMeta:
@@ -114,12 +244,12 @@ def teacher_meta(backbone: MaskedViT, method: str) -> ExportMeta:
                  config_hash="bench", git_revision="")
 
 
-def converted_meta(timm_model: str, timm_kwargs: dict[str, Any], fmt: str, extra: dict[str, Any]) -> ExportMeta:
+def converted_meta(timm_model: str, timm_kwargs: dict[str, Any], conversion: Conversion, note: str) -> ExportMeta:
     """The metadata of a released ImageNet-1k checkpoint converted by ``repro.convert`` (ImageNet mean and std)."""
     return ExportMeta(timm_model=timm_model, timm_kwargs=timm_kwargs, img_size=timm_kwargs["img_size"],
-                      patch_size=timm_kwargs["patch_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD, method=fmt, steps=0,
-                      budget="official", budget_seconds=None, config_hash="", git_revision=git_revision(),
-                      dataset="imagenet-1k", seed=0, extra=extra)
+                      patch_size=timm_kwargs["patch_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      method=conversion.format, steps=0, budget="official", budget_seconds=None, config_hash="",
+                      git_revision=git_revision(), dataset="imagenet-1k", seed=0, conversion=conversion, note=note)
 
 
 # ---------------------------------------------------------------------------------------------- writing and reading
@@ -150,8 +280,7 @@ def export_backbone(out_dir: Path, state: dict[str, Tensor], meta: ExportMeta | 
 def write_export_meta(out_dir: Path, meta: ExportMeta) -> ExportMeta:
     """Write ``backbone.json`` (+ its ``.sha256``), which completes an export; returns ``meta`` with the checksum of
     the weights already written beside it (``weights_sha256``; '' for weights without a checksum)."""
-    d = asdict(meta)
-    d.pop("weights_sha256")  # the weights' own sidecar is the record of their bytes
+    d = meta.to_json()  # without weights_sha256: the weights' own sidecar is the record of their bytes
     atomic_write(Path(out_dir) / EXPORT_META, lambda p: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"),
                  checksum=True)
     return replace(meta, weights_sha256=(read_checksum(Path(out_dir) / EXPORT_WEIGHTS) or [""])[-1])
@@ -256,14 +385,14 @@ def record_from_export(meta: ExportMeta, dataset: str, eval_name: str, metric: s
     """A result row for ``dataset``'s table: the export's pre-training facts (``backbone.json``) plus one number;
     ``fields`` set the rest (``eval_seconds``, ``note``, ...) or replace a default (``git_revision``: the code that
     measured the number unless given)."""
-    x = meta.extra
+    p = meta.pretraining
     base: dict[str, Any] = dict(
         method=meta.method, model=model_label(meta.timm_model, meta.timm_kwargs), dataset=dataset,
         budget=meta.budget, eval=eval_name, metric=metric, value=float(value), seed=meta.seed, selection=selection,
-        device=x.get("device", ""), world_size=int(x.get("world_size", 1)), budget_seconds=meta.budget_seconds,
-        pretrain_seconds=x.get("pretrain_seconds"), steps=meta.steps, epochs=x.get("epochs"),
-        images_per_second=x.get("images_per_second"), device_hours=x.get("device_hours"),
-        config_hash=meta.config_hash, git_revision=git_revision(), recipe=x.get("recipe", ""), time=now_iso(),
+        device=p.device, world_size=1 if p.world_size is None else p.world_size, budget_seconds=meta.budget_seconds,
+        pretrain_seconds=p.pretrain_seconds, steps=meta.steps, epochs=p.epochs,
+        images_per_second=p.images_per_second, device_hours=p.device_hours,
+        config_hash=meta.config_hash, git_revision=git_revision(), recipe=p.recipe, time=now_iso(),
         export_sha256=meta.weights_sha256,
         precision=meta.precision,
     )

@@ -22,6 +22,7 @@ from repro.export import (
     EXPORT_META,
     EXPORT_WEIGHTS,
     ExportMeta,
+    Stage,
     export_backbone,
     export_extra,
     random_init_meta,
@@ -34,20 +35,9 @@ from repro.lock import run_lock
 from repro.recipes import build_config
 from repro.records import ResultRecord, append_records, git_revision, model_label, now_iso, read_records
 from repro.registry import METHODS, build_method
-from repro.trainer import Trainer, TrainResult, read_summary
+from repro.trainer import Trainer, read_summary
 
 log = logging.getLogger("repro")
-
-
-def _extra(cfg: RunConfig, r: TrainResult) -> dict:
-    return {
-        "pretrain_seconds": r.pretrain_seconds, "images_per_second": r.images_per_second, "epochs": r.plan.epochs,
-        "device": r.device, "world_size": r.world_size, "recipe": cfg.recipe,
-        "device_hours": r.pretrain_seconds * r.world_size / 3600, "final_loss": r.final_loss,
-        "calibration_seconds": r.plan.calibration_seconds, "seconds_per_step_calibrated": r.plan.seconds_per_step,
-        "global_batch": r.plan.global_batch, "lr": r.plan.lr, "warmup_steps": r.plan.warmup_steps,
-        "flops_per_image": r.plan.flops_per_image, "data_wait_share": r.data_wait_share,
-    }
 
 
 def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, progress: bool,
@@ -70,7 +60,7 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
         meta = _train(cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
         note = (f"{pre.config_field} {getattr(cfg.method_cfg, pre.config_field)} given (its pre-training is not in "
                 "this budget)")
-        return _finish_export(run_dir, replace(meta, extra={**meta.extra, "note": note}), dist_info)
+        return _finish_export(run_dir, replace(meta, note=note), dist_info)
     teacher_method = pre.method
     s1_budget, s2_budget = split_budget(cfg.budget.spec, getattr(cfg.method_cfg, pre.fraction_field))
     s1_cfg = stage_config(teacher_method, cfg, s1_budget)
@@ -82,18 +72,17 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
     distributed.barrier()  # the teacher export is written by rank 0
     s2_cfg = apply_overrides(cfg, {f"method.{pre.config_field}": str(s1_dir.resolve()), "budget.spec": s2_budget})
     s2 = _train(s2_cfg, data, dist_info, run_dir, progress, records_path, write_export=False, wait=wait)
-    x1, x2 = s1.extra, s2.extra
-    t1, t2 = float(x1.get("pretrain_seconds") or 0.0), float(x2.get("pretrain_seconds") or 0.0)
+    p1, p2 = s1.pretraining, s2.pretraining
+    t1, t2 = p1.pretrain_seconds or 0.0, p2.pretrain_seconds or 0.0
     note = (f"budget {cfg.budget.spec} = stage 1 {teacher_method} teacher {s1_budget} ({s1.steps} steps, {t1:.0f}s) "
             f"+ stage 2 student {s2_budget} ({s2.steps} steps, {t2:.0f}s)")
-    extra = {**x2, "pretrain_seconds": t1 + t2, "device_hours": float(x1.get("device_hours") or 0.0)
-             + float(x2.get("device_hours") or 0.0), "note": note,
-             "stage1": {"method": teacher_method, "budget": s1_budget.text, "steps": s1.steps, "seconds": t1,
-                        "final_loss": x1.get("final_loss"), "export": str(s1_dir)},
-             "stage2": {"budget": s2_budget.text, "steps": s2.steps, "seconds": t2}}
+    both = replace(p2, pretrain_seconds=t1 + t2, device_hours=(p1.device_hours or 0.0) + (p2.device_hours or 0.0),
+                   stage1=Stage(method=teacher_method, budget=s1_budget.text, steps=s1.steps, seconds=t1,
+                                final_loss=p1.final_loss, export=str(s1_dir)),
+                   stage2=Stage(budget=s2_budget.text, steps=s2.steps, seconds=t2))
     budget = cfg.budget.spec
     meta = replace(s2, budget=budget.text, budget_seconds=budget.seconds, config_hash=cfg.config_hash(),
-                   extra=extra)
+                   pretraining=both, note=note)
     return _finish_export(run_dir, meta, dist_info)
 
 
@@ -140,7 +129,7 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
                                precision=trainer.precision)
             append_records(records_path, [rec])
         raise
-    meta = trained_meta(cfg, method.eval_backbone(), data, result.steps, _extra(cfg, result), result.precision)
+    meta = trained_meta(cfg, method.eval_backbone(), data, result)
     if dist_info.rank == 0:
         for name, state in method.extra_exports().items():
             export_extra(run_dir, name, state)
@@ -154,11 +143,12 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
 
 
 def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
-    x = meta.extra
-    return record_from_export(meta, data.name, "pretrain", "final_loss", float(x.get("final_loss", float("nan"))),
-                              "last step", budget_seconds=meta.budget_seconds,
-                              data_wait_share=x.get("data_wait_share"), git_revision=meta.git_revision,
-                              note=str(x.get("note", "")))
+    """The export's pre-training row: its last loss, with the run's facts (:func:`repro.export.record_from_export`)."""
+    p = meta.pretraining
+    return record_from_export(meta, data.name, "pretrain", "final_loss",
+                              float("nan") if p.final_loss is None else p.final_loss, "last step",
+                              budget_seconds=meta.budget_seconds, data_wait_share=p.data_wait_share,
+                              git_revision=meta.git_revision, note=meta.note)
 
 
 def has_pretrain_record(records_path: Path, cfg: RunConfig) -> bool:

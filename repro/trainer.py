@@ -49,6 +49,7 @@ from repro.config import RunConfig
 from repro.data import DatasetSplits
 from repro.distributed import DistInfo
 from repro.errors import NonFiniteLoss
+from repro.export import Pretraining
 from repro.method import MethodConfig, PretrainMethod, StepInfo
 from repro.monitor import open_tensorboard
 from repro.precision import autocast
@@ -141,6 +142,18 @@ class TrainResult:
     """Share of this segment's wall-clock the loop spent waiting for its next batch (:data:`DATA_BOUND_SHARE`)."""
     precision: str = ""
     """The resolved ``train.precision`` the steps ran in ('fp32' or 'bf16'); goes into the export and its records."""
+
+    def facts(self, recipe: str) -> Pretraining:
+        """What this run planned and measured, as its export states it and its records carry it."""
+        p = self.plan
+        return Pretraining(
+            recipe=recipe, pretrain_seconds=self.pretrain_seconds,
+            device_hours=self.pretrain_seconds * self.world_size / 3600, images_per_second=self.images_per_second,
+            final_loss=self.final_loss, data_wait_share=self.data_wait_share, device=self.device,
+            world_size=self.world_size, epochs=p.epochs, global_batch=p.global_batch, lr=p.lr,
+            warmup_steps=p.warmup_steps, flops_per_image=p.flops_per_image,
+            seconds_per_step_calibrated=p.seconds_per_step, calibration_seconds=p.calibration_seconds,
+            planned_steps=p.first_total if p.revisions else None, revisions=p.revisions)
 
 
 def _continued(step: int, start: int, plan: Plan) -> float:

@@ -104,13 +104,13 @@ def test_converted_export_computes_the_official_encoder_features(layout, tmp_pat
         got = model.forward_features(x)
     assert torch.equal(got, official_features(fx, method))
     assert (meta.method, meta.img_size, meta.patch_size, meta.timm_kwargs["depth"]) == (method, 32, 4, 2)
-    assert meta.timm_kwargs["num_heads"] == 3 and meta.extra["heads_from"] == "--heads"
-    dropped = meta.extra["dropped"]
+    assert meta.timm_kwargs["num_heads"] == 3 and meta.conversion.heads_from == "--heads"
+    dropped = meta.conversion.dropped
     expected_dropped = {"mae": {"decoder"}, "micl": set(), "mocov3-lincls": set(), "mocov3-deit": set(),
                         "mocov3": {"projector (base_encoder.head)", "momentum encoder", "predictor"}}[layout]
     assert set(dropped) == expected_dropped
-    assert meta.extra["layout"] == {"mocov3": "mocov3-pretrain", "mocov3-lincls": "mocov3-lincls",
-                                    "mae": "mae-pretrain", "micl": "encoder", "mocov3-deit": "encoder"}[layout]
+    assert meta.conversion.layout == {"mocov3": "mocov3-pretrain", "mocov3-lincls": "mocov3-lincls",
+                                         "mae": "mae-pretrain", "micl": "encoder", "mocov3-deit": "encoder"}[layout]
     assert (out / "head.safetensors").exists() == (layout == "mocov3-lincls")
 
 
