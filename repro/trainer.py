@@ -6,11 +6,17 @@ then half-cycle cosine; optional gradient clipping; a non-finite-loss guard; per
 automatic resume; tqdm on rank 0; JSONL metrics. The hot path has no host sync: losses
 are accumulated on the device and read only at logging steps.
 
-The budget becomes a fixed plan before the first real step (:class:`Plan`): for a wall-clock budget a few
-warm steps are timed on a snapshot of the model (then the snapshot is restored and the optimizer state
-cleared, so calibration leaves no trace in the weights), the budget is divided by the measured seconds per
-step, and rank 0's plan is broadcast. A resumed run reads the plan back from its checkpoint: same step
-count, same schedule.
+:meth:`Trainer.fit` is the loop and its calls, like MAE's ``train_one_epoch``; the parts it calls each do one thing:
+
+- planning (:mod:`repro.plan`): the budget becomes a fixed :class:`repro.plan.Plan` before the first real step. For a
+  wall-clock budget a few warm steps are timed on a snapshot of the model (:meth:`Trainer._calibrate`; then the
+  snapshot is restored and the optimizer state dropped, so calibration leaves no trace in the weights), the budget is
+  divided by the measured seconds per step, and rank 0's plan is broadcast; while the run trains, a
+  :class:`repro.plan.Replanner` re-fits its remaining steps to the budget from the speed it measures;
+- :class:`Checkpoints`: resume from the newest good checkpoint (same plan: same step count, same schedule), the
+  periodic cadence, the save;
+- :class:`Preemption`: SIGTERM/SIGUSR1 (``repro.signals``) stop every rank at one step boundary, checkpoint saved;
+- :class:`TrainLog`: the metrics: device-side loss sums, ``metrics.jsonl``, TensorBoard, tqdm, the data-wait share.
 
 Exact resume: the data order is a function of (seed, epoch), and the global RNG is re-seeded from
 (seed, step, rank) before every step, so masks, crops and drop-path draws of step ``s`` do not depend on
@@ -25,10 +31,12 @@ import contextlib
 import copy
 import json
 import logging
+import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from timm.optim import Lars
@@ -36,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from repro import distributed
-from repro.budget import Budget, BudgetError, Calibration, format_seconds, steps_for_budget
+from repro.budget import Budget, Calibration, format_seconds
 from repro.checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -50,82 +58,30 @@ from repro.data import DatasetSplits
 from repro.distributed import DistInfo
 from repro.errors import NonFiniteLoss
 from repro.export import Pretraining
-from repro.method import MethodConfig, PretrainMethod, StepInfo
+from repro.method import Batch, PretrainMethod, StepInfo, StepOutput
 from repro.monitor import open_tensorboard
+from repro.plan import (
+    Plan,
+    Replanner,
+    describe_plan,
+    lr_at,
+    make_plan,
+    plan_from_dict,
+    progress_at,
+    resolve_hparams,
+    steps_bought,
+)
 from repro.precision import autocast
 from repro.records import DATA_BOUND_SHARE
-from repro.schedules import cosine_after_warmup
 from repro.seeds import step_seed
 from repro.signals import Preempted, StopRequest
 from repro.sources import StepSampler, make_batch_source
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything fixed before the first step; stored in the checkpoint so a resume changes nothing."""
-
-    total_steps: int
-    global_batch: int
-    steps_per_epoch: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    weight_decay: float
-    betas: tuple[float, float]
-    budget: str
-    budget_kind: str
-    budget_seconds: float | None
-    seconds_per_step: float | None
-    calibration_steps: int
-    calibration_seconds: float
-    flops_per_image: float | None
-    revisions: tuple[tuple[int, int], ...] = ()
-    """Wall-clock budgets only: (step, new total_steps) each time the remaining steps were re-planned from the
-    measured speed (:data:`REPLAN_AT`). ``total_steps`` is the latest total; the first plan's is
-    :attr:`planned_steps`. A resumed run replays these, so its schedule is the one the run had."""
-    planned_steps: int = 0
-    """The total of the first plan (before any revision); 0 in plans written before revisions existed."""
-
-    @property
-    def epochs(self) -> float:
-        return self.total_steps / self.steps_per_epoch
-
-    @property
-    def first_total(self) -> int:
-        return self.planned_steps or self.total_steps
-
-
-REPLAN_AT = (0.1, 0.25, 0.5, 0.75, 0.9)
-"""Fractions of the planned steps at which a wall-clock run re-plans its remaining steps from its measured speed."""
-MAX_STEPS = 10**9
-"""A budget that buys more optimizer steps than this is refused as a unit mistake (1e30flop, 1e9h)."""
-
-
-def plan_from_dict(d: dict[str, Any]) -> Plan:
-    """A :class:`Plan` read back from a checkpoint or ``plan.json`` (JSON turns tuples into lists)."""
-    d = {**d, "betas": tuple(d["betas"]), "revisions": tuple(tuple(r) for r in d.get("revisions", ()))}
-    return Plan(**d)
-
-
-def next_replan_step(plan: Plan) -> int | None:
-    """The step at which the next re-plan happens (None: all done, or not a wall-clock budget)."""
-    k = len(plan.revisions)
-    if plan.budget_kind != "time" or k >= len(REPLAN_AT):
-        return None
-    last = plan.revisions[-1][0] if plan.revisions else 0
-    at = max(last + 1, round(REPLAN_AT[k] * plan.total_steps))
-    return at if at < plan.total_steps else None
-
-
-def revise(plan: Plan, step: int, elapsed: float, seconds_per_step: float) -> Plan:
-    """The plan with its remaining steps re-fitted to the budget at the measured ``seconds_per_step``."""
-    assert plan.budget_seconds is not None
-    remaining = max(0.0, plan.budget_seconds - elapsed)
-    total = max(step + 1, plan.warmup_steps + 1, step + int(round(remaining / max(seconds_per_step, 1e-9))))
-    return replace(plan, total_steps=int(total), revisions=(*plan.revisions, (step, int(total))),
-                   planned_steps=plan.first_total)
+CALIBRATION_STEPS = 10**9
+"""The step count of the plan calibration steps run under: a schedule that has barely begun (``StepInfo.progress``
+~0), whatever the budget turns out to buy."""
 
 
 @dataclass(frozen=True)
@@ -154,64 +110,6 @@ class TrainResult:
             warmup_steps=p.warmup_steps, flops_per_image=p.flops_per_image,
             seconds_per_step_calibrated=p.seconds_per_step, calibration_seconds=p.calibration_seconds,
             planned_steps=p.first_total if p.revisions else None, revisions=p.revisions)
-
-
-def _continued(step: int, start: int, plan: Plan) -> float:
-    """Progress in [0, 1] from ``start`` to the last step, continued across re-plans (each keeps the progress it
-    found and spreads the rest over its new remaining steps)."""
-    t, total = 0.0, plan.first_total
-    for at, new_total in plan.revisions:
-        if step < at:
-            break
-        t = t + (1.0 - t) * min(1.0, max(0, at - start) / max(1, total - start))
-        start, total = max(at, start), new_total
-    return min(1.0, t + (1.0 - t) * ((step - start) / max(1, total - start)))
-
-
-def progress_at(step: int, plan: Plan) -> float:
-    """The run's progress at ``step`` (``step / total_steps`` until a re-plan; continuous across re-plans)."""
-    return _continued(step, 0, plan)
-
-
-def lr_at(step: int, plan: Plan) -> float:
-    """Per-iteration linear warmup from 0, then half-cycle cosine to ``min_lr`` (MAE's ``adjust_learning_rate``).
-
-    After a re-plan at step ``s`` the cosine continues from the progress it had reached at ``s`` and spreads the
-    rest over the new remaining steps: the lr is continuous and ends at ``min_lr`` on the last step.
-    """
-    t = _continued(step, plan.warmup_steps, plan) if step >= plan.warmup_steps else 0.0
-    return cosine_after_warmup(step, plan.warmup_steps, plan.lr, t, plan.min_lr)
-
-
-def describe_plan(name: str, plan: Plan) -> str:
-    """The one line a run prints before its first step: what the budget bought and what it will take."""
-    line = (f"{name}: plan {plan.total_steps} steps ({plan.epochs:.3g} epochs) of batch {plan.global_batch}, "
-            f"lr {plan.lr:.3g}, warmup {plan.warmup_steps} steps, budget {plan.budget}")
-    if plan.flops_per_image:
-        line += f" ({plan.flops_per_image * plan.global_batch * plan.total_steps:.3g} FLOPs)"
-    if plan.seconds_per_step:
-        eta = format_seconds(plan.seconds_per_step * plan.total_steps)
-        points = ", ".join(f"{f:.0%}" for f in REPLAN_AT)
-        line += f"; calibrated {plan.seconds_per_step:.3f}s/step -> ~{eta}, re-planned at {points} of the run"
-    return line
-
-
-def resolve_hparams(cfg: RunConfig) -> dict[str, Any]:
-    """Merge the method's paper optimisation values with the run's overrides."""
-    m: MethodConfig = cfg.method_cfg
-    t = cfg.train
-    batch = t.batch_size or m.batch_size
-    base_lr = t.base_lr if t.base_lr is not None else m.base_lr
-    lr = base_lr if m.lr_is_absolute else base_lr * batch / 256
-    warmup_fraction = t.warmup_fraction if t.warmup_fraction is not None else m.warmup_epochs / m.epochs
-    return {
-        "global_batch": batch,
-        "lr": lr,
-        "min_lr": t.min_lr if t.min_lr is not None else m.min_lr,
-        "weight_decay": t.weight_decay if t.weight_decay is not None else m.weight_decay,
-        "betas": tuple(m.betas),
-        "warmup_fraction": warmup_fraction,
-    }
 
 
 def weight_decay_groups(method: PretrainMethod, weight_decay: float) -> list[dict[str, Any]]:
@@ -256,6 +154,122 @@ def train_step(model: nn.Module, method: PretrainMethod, batch, info: StepInfo, 
     return out
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Finals:
+    """What a finished run reports; kept in its complete checkpoint, so a kill before the export loses none of it."""
+
+    final_loss: float
+    images_per_second: float
+    data_wait_share: float
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A run's state as its newest good checkpoint holds it."""
+
+    plan: Plan
+    step: int
+    """The next step to run."""
+    elapsed: float
+    """Wall-clock the steps before it took (earlier segments)."""
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    finals: Finals
+    """A complete checkpoint's numbers (a run killed after its last step, before its export); defaults otherwise."""
+
+
+class Checkpoints:
+    """A run's checkpoints: resume from the newest good one, the periodic cadence (``train.ckpt_every_s``, measured
+    on rank 0 from :meth:`count_from`) and the save (rank 0 writes ``checkpoint.pt`` atomically; the one it replaces
+    is kept as the previous one)."""
+
+    def __init__(self, run_dir: Path, config_hash: str, every_s: float, main: bool) -> None:
+        self.path = Path(run_dir) / CHECKPOINT
+        self.config_hash, self.every_s, self.main = config_hash, every_s, main
+        self.last = time.perf_counter()
+
+    def resume(self) -> Resumed | None:
+        """The state to continue from (None: start at step 0). A checkpoint of another configuration is an error."""
+        if self.main and self.path.parent.is_dir():
+            remove_stale_temps(self.path.parent)  # half-written files of a killed run; never loaded, only disk
+        # the newest checkpoint that passes its checksum: a corrupted newest one falls back to the previous one,
+        # whose steps are then replayed exactly (data order and RNG are functions of seed and step)
+        found = resume_checkpoint(self.path)
+        if found is None:
+            return None
+        state, used, skipped = found
+        if self.main:
+            for line in skipped:
+                log.warning("%s; resuming from the previous checkpoint %s (step %s)", line, used.name,
+                            state.get("step"))
+        if state.get("config_hash") != self.config_hash:
+            raise CheckpointError(f"{used}: written by a different configuration "
+                                  f"({state.get('config_hash')} != {self.config_hash}); use another --out")
+        finals = Finals(float(state.get("final_loss", float("nan"))), float(state.get("images_per_second", 0.0)),
+                        float(state.get("data_wait_share", 0.0)))
+        return Resumed(plan_from_dict(state["plan"]), int(state["step"]), float(state["elapsed"]), state["model"],
+                       state["optimizer"], finals)
+
+    def count_from(self, now: float) -> None:
+        """The next periodic checkpoint is due ``every_s`` seconds after ``now``."""
+        self.last = now
+
+    def due(self, now: float) -> bool:
+        """Whether rank 0 wants a periodic checkpoint (the other ranks learn it at the logging step's all-reduce)."""
+        return self.main and now - self.last >= self.every_s
+
+    def save(self, step: int, elapsed: float, plan: Plan, method: nn.Module, opt: torch.optim.Optimizer, *,
+             finals: Finals | None = None) -> None:
+        """The checkpoint of step boundary ``step``, complete when ``finals`` are given (rank 0 writes)."""
+        if not self.main:
+            return
+        state = {"model": method.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+                 "plan": asdict(plan), "config_hash": self.config_hash, "complete": finals is not None,
+                 **(asdict(finals) if finals is not None else {})}
+        save_checkpoint(self.path, state)
+
+
+# ---------------------------------------------------------------------------------------------- pre-emption
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 while the loop runs (:class:`repro.signals.StopRequest`, caught while this is entered): every
+    rank stops at one step boundary with the checkpoint of that boundary saved, then :class:`Preempted`. One process
+    stops at the next step; several agree at the next logging step (the all-reduce of :meth:`Trainer._at_log_step`)."""
+
+    def __init__(self, run_dir: Path, world_size: int) -> None:
+        self.request = StopRequest()
+        self.run_dir, self.world_size = run_dir, world_size
+
+    def __enter__(self) -> Preemption:
+        self.request = StopRequest()  # a signal before this segment (or during an earlier one) is not this one's
+        self.request.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.request.restore()
+
+    @property
+    def signum(self) -> int:
+        """The signal received (0: none)."""
+        return self.request.signum
+
+    def stops_here(self, done: int, total: int) -> bool:
+        """Whether a single process stops at step boundary ``done`` (never after the last step: the run is done)."""
+        return self.world_size == 1 and bool(self.request.signum) and done < total
+
+    def stop(self, signum: int, done: int, save: Callable[[], None]) -> NoReturn:
+        save()
+        distributed.barrier()  # no rank leaves before rank 0's checkpoint is on disk
+        raise Preempted(signum, done, self.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
 class _Accumulator:
     """Device-side running sums between logging steps (no host sync) and the first non-finite step."""
 
@@ -266,7 +280,7 @@ class _Accumulator:
         self.logs_sum: dict[str, torch.Tensor] = {}
         self.n = 0
 
-    def add(self, out, step: int) -> None:
+    def add(self, out: StepOutput, step: int) -> None:
         loss = out.loss.detach()
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0),
                                      torch.full_like(self.first_bad, step), self.first_bad)
@@ -278,6 +292,138 @@ class _Accumulator:
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.logs_sum, self.n = {}, 0
+
+
+class TrainLog:
+    """The metrics of one training segment (from ``start``, at ``t0``): the loss and logs summed on the device between
+    logging steps, the time spent waiting for batches, and at each logging step one ``metrics.jsonl`` line (with
+    TensorBoard and the tqdm bar) on rank 0; once, the time the rest will take."""
+
+    def __init__(self, run_dir: Path, name: str, dist: DistInfo, plan: Plan, *, start: int, t0: float, progress: bool,
+                 tensorboard: bool) -> None:
+        self.path, self.name, self.main = run_dir / "metrics.jsonl", name, dist.rank == 0
+        self.board = open_tensorboard(tensorboard and self.main, run_dir)
+        self.bar = tqdm(total=plan.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+                        desc=f"{name} pretrain", leave=True)
+        self.acc = _Accumulator(dist.device)
+        self.start, self.t0 = start, t0
+        self.t_log, self.step_log = t0, start
+        self.wait_log = self.wait_total = 0.0  # seconds in next(batches): this logging interval, this segment
+        self.last_loss = float("nan")
+        self.eta_logged = start > 0 or plan.budget_kind == "time"  # a wall-clock plan states its time already
+
+    def __enter__(self) -> TrainLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.board is not None:
+            self.board.close()
+        self.bar.close()
+
+    def wait_for(self, batches: Iterator[Batch]) -> Batch:
+        t = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - t
+        self.wait_log, self.wait_total = self.wait_log + waited, self.wait_total + waited
+        return batch
+
+    def add(self, out: StepOutput, step: int) -> None:
+        self.acc.add(out, step)
+        self.bar.update(1)
+
+    @property
+    def first_bad(self) -> torch.Tensor:
+        """The first step whose loss was not finite since the last logging step (-1: none), on the device."""
+        return self.acc.first_bad
+
+    def check_finite(self, run_dir: Path) -> None:
+        """A host sync: :class:`NonFiniteLoss` if a step since the last logging step had a non-finite loss."""
+        if self.acc.first_bad.item() >= 0:
+            raise NonFiniteLoss(int(self.acc.first_bad.item()), run_dir)
+
+    def eta(self, done: int, total: int, sync: Callable[[], None]) -> None:
+        """After 20 steps of a run planned without timing (epochs, steps, FLOPs): the time the rest will take."""
+        if not self.eta_logged and self.main and done - self.start == 20 and done < total:
+            sync()
+            per = (time.perf_counter() - self.t0) / (done - self.start)
+            log.info("%s: %.3fs/step measured -> ~%s for the remaining %d steps", self.name, per,
+                     format_seconds(per * (total - done)), total - done)
+            self.eta_logged = True
+
+    def write(self, done: int, plan: Plan, now: float, elapsed: float) -> None:
+        """The logging step ``done``: the loss averaged over the interval and the ranks, one line on rank 0."""
+        self.last_loss = float(distributed.all_reduce_mean(self.acc.loss_sum / self.acc.n).item())
+        ips = (done - self.step_log) * plan.global_batch / max(1e-9, now - self.t_log)
+        if self.main:
+            rec = {"step": done, "loss": self.last_loss, "lr": lr_at(done - 1, plan), "img_per_s": ips,
+                   "elapsed_s": elapsed, "data_wait": self.wait_log / max(1e-9, now - self.t_log)}
+            rec.update({k: float((v / self.acc.n).item()) for k, v in self.acc.logs_sum.items()})
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.board is not None:
+                self.board.scalars("train", {k: v for k, v in rec.items() if k != "step"}, done)
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
+        self.acc.reset()
+        self.t_log, self.step_log, self.wait_log = now, done, 0.0
+
+
+class _Agreed(NamedTuple):
+    """What every rank does at a logging step."""
+
+    bad_step: int
+    """The first step with a non-finite loss on any rank (-1: none)."""
+    checkpoint: bool
+    """Rank 0's periodic checkpoint is due."""
+    signum: int
+    """A stop signal some rank received (0: none)."""
+
+
+def agree(first_bad: torch.Tensor, checkpoint: bool, signum: int, device: torch.device) -> _Agreed:
+    """One all-reduce (max) so that every rank takes the same decisions at a logging step; no host sync before it."""
+    flags = distributed.all_reduce_max(torch.stack([
+        first_bad.float(), torch.tensor(float(checkpoint), device=device), torch.tensor(float(signum), device=device)]))
+    return _Agreed(int(flags[0].item()), flags[1].item() > 0, int(flags[2].item()))
+
+
+class _Batches:
+    """The loop's batches from ``start``. A wall-clock plan may grow at a re-plan, so its iterator reaches past the
+    first total (and is reopened further when a re-plan goes beyond that)."""
+
+    def __init__(self, source: Any, start: int, plan: Plan) -> None:
+        self.source = source
+        self.stop = plan.total_steps if plan.budget_kind != "time" else 2 * plan.total_steps + 16
+        self.it = source.batches(start, self.stop)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self.it)
+
+    def reach(self, done: int, plan: Plan) -> None:
+        if plan.total_steps > self.stop:
+            self.it.close()
+            self.stop = 2 * plan.total_steps + 16
+            self.it = self.source.batches(done, self.stop)
+
+    def __enter__(self) -> _Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.it.close()
+
+
+class _Clock:
+    """This segment's wall-clock, on top of what the run used before a resume."""
+
+    def __init__(self, before: float) -> None:
+        self.before, self.t0 = before, time.perf_counter()
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.before + (time.perf_counter() if now is None else now) - self.t0
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
@@ -292,17 +438,49 @@ class Trainer:
         self.budget: Budget = cfg.budget.spec
         self.hp = resolve_hparams(cfg)
         self.method.to(self.device)
-        self.sampler = StepSampler(len(data.train), self.hp["global_batch"], cfg.seed, dist.rank, dist.world_size)
+        self.sampler = StepSampler(len(data.train), self.hp.global_batch, cfg.seed, dist.rank, dist.world_size)
         size = method.backbone.img_size
         self.source = make_batch_source(data, method.views, size, self.sampler, self.device, cfg.data)
         self.model: nn.Module = distributed.wrap_ddp(method, self.device, sync_bn=method.sync_batchnorm)
         if cfg.train.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.precision = cfg.resolved_precision(self.device.type)
-        self.ckpt_path = self.run_dir / CHECKPOINT
+        self.checkpoints = Checkpoints(self.run_dir, cfg.config_hash(), cfg.train.ckpt_every_s, dist.rank == 0)
+        self.preemption = Preemption(self.run_dir, dist.world_size)
 
-    # ------------------------------------------------------------------ one step
-    def _step(self, step: int, batch, plan: Plan, opt: torch.optim.Optimizer):
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        """Train to the plan's last step, from where the newest checkpoint left off; then the complete checkpoint and
+        ``train_summary.json``."""
+        resumed = self.checkpoints.resume()
+        plan = resumed.plan if resumed is not None else self._plan()
+        opt = self._optimizer(plan, resumed)
+        start = resumed.step if resumed is not None else 0
+        self._announce(plan, resumed)
+        clock = _Clock(resumed.elapsed if resumed is not None else 0.0)
+        metrics = TrainLog(self.run_dir, self.method.name, self.dist, plan, start=start, t0=clock.t0,
+                           progress=self.progress, tensorboard=self.cfg.train.tensorboard)
+        replan = Replanner(plan, start, clock.t0)
+        self.checkpoints.count_from(clock.t0)
+        self.method.train()
+        step = start
+        with self.preemption, metrics, _Batches(self.source, start, plan) as batches:
+            while step < plan.total_steps:
+                torch.manual_seed(step_seed(self.cfg.seed, step, self.dist.rank))
+                batch = metrics.wait_for(batches)
+                metrics.add(self._step(step, batch, plan, opt), step)
+                step += 1
+                if replan.due(step):
+                    plan = self._replan(replan, plan, step, clock, batches, metrics)
+                metrics.eta(step, plan.total_steps, self._sync)
+                if self.preemption.stops_here(step, plan.total_steps):  # one process: at this very step
+                    metrics.check_finite(self.run_dir)  # never checkpoint weights a non-finite loss has touched
+                    self._preempt(self.preemption.signum, step, clock.elapsed(), plan, opt)
+                if step % self.cfg.train.log_every == 0 or step == plan.total_steps:
+                    self._at_log_step(step, plan, opt, metrics, clock)
+        return self._finish(plan, opt, start, resumed, metrics, clock)
+
+    def _step(self, step: int, batch: Batch, plan: Plan, opt: torch.optim.Optimizer) -> StepOutput:
         info = StepInfo(step, plan.total_steps, progress_at(step, plan) if plan.revisions else None)
         return train_step(self.model, self.method, batch, info, opt, lr_at(step, plan),
                           precision=self.precision, clip_grad=self.cfg.train.clip_grad)
@@ -311,37 +489,48 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # ------------------------------------------------------------------ planning
-    def _plan(self, opt_factory) -> Plan:
-        hp = self.hp
+    def _at_log_step(self, done: int, plan: Plan, opt: torch.optim.Optimizer, metrics: TrainLog,
+                     clock: _Clock) -> None:
+        """Every rank agrees what this logging step needs, then: a non-finite loss stops the run, the metrics line is
+        written, a stop signal saves and stops, a due checkpoint is saved."""
+        now = time.perf_counter()
+        agreed = agree(metrics.first_bad, self.checkpoints.due(now), self.preemption.signum, self.device)
+        if agreed.bad_step >= 0:
+            raise NonFiniteLoss(agreed.bad_step, self.run_dir)
+        metrics.write(done, plan, now, clock.elapsed(now))
+        if agreed.signum and done < plan.total_steps:  # every rank stops at this boundary
+            self._preempt(agreed.signum, done, clock.elapsed(), plan, opt)
+        if agreed.checkpoint and done < plan.total_steps:
+            self.checkpoints.save(done, clock.elapsed(), plan, self.method, opt)
+            self.checkpoints.count_from(time.perf_counter())
+
+    def _preempt(self, signum: int, done: int, elapsed: float, plan: Plan, opt: torch.optim.Optimizer) -> NoReturn:
+        """Save the checkpoint of step boundary ``done`` and stop (SIGTERM/SIGUSR1; ``repro.signals``)."""
+        self._sync()
+        self.preemption.stop(signum, done, lambda: self.checkpoints.save(done, elapsed, plan, self.method, opt))
+
+    # ------------------------------------------------------------------ before the loop: plan, resume
+    def _plan(self) -> Plan:
+        """The plan the budget buys (for a wall-clock budget, from calibrated steps); rank 0's, on every rank."""
         spe = self.sampler.steps_per_epoch
         flops = None
         with contextlib.suppress(NotImplementedError):
             flops = float(self.method.flops_per_image())
-        provisional = Plan(10**9, hp["global_batch"], spe, hp["lr"], hp["min_lr"], 0, hp["weight_decay"],
-                           hp["betas"], self.budget.text, self.budget.kind, self.budget.seconds, None, 0, 0.0, flops)
-        calib: Calibration | None = None
+        calib = None
         if self.budget.kind == "time":
-            calib = self._calibrate(provisional, opt_factory)
-        if self.budget.kind == "flop" and flops is None:
-            raise BudgetError(f"--budget {self.budget.text}: method {self.method.name} has no FLOP count")
-        total = steps_for_budget(self.budget, steps_per_epoch=spe, global_batch=hp["global_batch"],
-                                 seconds_per_step=calib.seconds_per_step if calib else None, flops_per_image=flops)
-        if total > MAX_STEPS:
-            raise BudgetError(f"--budget {self.budget.text}: buys {total:.3g} steps ({total / spe:.3g} epochs) of "
-                              f"{self.method.name}; is the unit right? (more than {MAX_STEPS:.0e} steps is refused)")
-        warmup = int(round(hp["warmup_fraction"] * total))
-        plan = Plan(total, hp["global_batch"], spe, hp["lr"], hp["min_lr"], warmup, hp["weight_decay"], hp["betas"],
-                    self.budget.text, self.budget.kind, self.budget.seconds,
-                    calib.seconds_per_step if calib else None, calib.timed_steps if calib else 0,
-                    calib.wall_seconds if calib else 0.0, flops, planned_steps=total)
+            calib = self._calibrate(make_plan(self.hp, self.budget, steps_per_epoch=spe, total_steps=CALIBRATION_STEPS,
+                                              warmup_steps=0, flops_per_image=flops))
+        total = steps_bought(self.budget, self.hp, steps_per_epoch=spe, flops_per_image=flops, calibration=calib,
+                             method=self.method.name)
+        plan = make_plan(self.hp, self.budget, steps_per_epoch=spe, total_steps=total, flops_per_image=flops,
+                         calibration=calib)
         return distributed.broadcast_object(plan)
 
-    def _calibrate(self, plan: Plan, opt_factory) -> Calibration:
+    def _calibrate(self, plan: Plan) -> Calibration:
         """Time warm steps on a snapshot that is restored afterwards (calibration leaves no trace)."""
         bc = self.cfg.budget
         snapshot = copy.deepcopy(self.method.state_dict())
-        opt = opt_factory(plan)
+        opt = build_optimizer(self.method, self.cfg, plan, self.device)
         t_start = time.perf_counter()
         n_warm = max(1, bc.calib_warmup_steps)
         # enough steps to fill calib_max_fraction of the budget, judged from the last warm step; capped
@@ -369,177 +558,69 @@ class Trainer:
         del opt
         return Calibration(per_step, n_timed, n_warm, time.perf_counter() - t_start)
 
-    # ------------------------------------------------------------------ the loop
-    def fit(self) -> TrainResult:
-        cfg = self.cfg
-        main = self.dist.rank == 0
-        state: dict[str, Any] | None = None
-        if main and self.run_dir.is_dir():
-            remove_stale_temps(self.run_dir)  # half-written files of a killed run; never loaded, only disk
-        # the newest checkpoint that passes its checksum: a corrupted newest one falls back to the previous one,
-        # whose steps are then replayed exactly (data order and RNG are functions of seed and step)
-        found = resume_checkpoint(self.ckpt_path)
-        if found is not None:
-            state, used, skipped = found
-            if main:
-                for line in skipped:
-                    log.warning("%s; resuming from the previous checkpoint %s (step %s)", line, used.name,
-                                state.get("step"))
-            if state.get("config_hash") != cfg.config_hash():
-                raise CheckpointError(f"{used}: written by a different configuration "
-                                      f"({state.get('config_hash')} != {cfg.config_hash()}); use another --out")
-        if state is not None:
-            plan = plan_from_dict(state["plan"])
-            self.method.load_state_dict(state["model"], strict=True)
-        else:
-            plan = self._plan(lambda p: build_optimizer(self.method, cfg, p, self.device))
-        opt = build_optimizer(self.method, cfg, plan, self.device)
-        start, elapsed_before = 0, 0.0
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            start, elapsed_before = int(state["step"]), float(state["elapsed"])
-            if main:
-                log.info("resuming %s at step %d/%d", self.method.name, start, plan.total_steps)
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_plan(plan)
-            if state is None:
-                log.info("%s", describe_plan(self.method.name, plan))
+    def _optimizer(self, plan: Plan, resumed: Resumed | None) -> torch.optim.Optimizer:
+        """The optimizer of ``plan``; weights and optimizer state as the checkpoint left them when resuming."""
+        if resumed is not None:
+            self.method.load_state_dict(resumed.model, strict=True)
+        opt = build_optimizer(self.method, self.cfg, plan, self.device)
+        if resumed is not None:
+            opt.load_state_dict(resumed.optimizer)
+        return opt
 
-        metrics_path = self.run_dir / "metrics.jsonl"
-        board = open_tensorboard(cfg.train.tensorboard and main, self.run_dir)
-        bar = tqdm(total=plan.total_steps, initial=start, disable=not self.progress, unit="step", dynamic_ncols=True,
-                   desc=f"{self.method.name} pretrain", leave=True)
-        acc = _Accumulator(self.device)
-        last_loss = float("nan")
-        wait_log = wait_total = 0.0  # seconds spent in next(batches): in this log interval, in this segment
-        t_loop = time.perf_counter()
-        t_log, step_log = t_loop, start
-        last_ckpt = t_loop
-        every = cfg.train.log_every
-        # a wall-clock plan may grow at a re-plan: its batch iterator reaches past the first total
-        stop = plan.total_steps if plan.budget_kind != "time" else 2 * plan.total_steps + 16
-        it = self.source.batches(start, stop)
-        self.method.train()
-        step = start
-        replan_at = next_replan_step(plan)
-        t_replan, step_replan = t_loop, start
-        eta_logged = start > 0 or plan.budget_kind == "time"
-        stop_req = StopRequest()
-        stop_req.install()
-        try:
-            while step < plan.total_steps:
-                torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
-                t_wait = time.perf_counter()
-                batch = next(it)
-                waited = time.perf_counter() - t_wait
-                wait_log, wait_total = wait_log + waited, wait_total + waited
-                acc.add(self._step(step, batch, plan, opt), step)
-                bar.update(1)
-                done = step + 1
-                step = done
-                if done == replan_at:
-                    self._sync()
-                    now = time.perf_counter()
-                    sec = float(distributed.broadcast_object((now - t_replan) / max(1, done - step_replan)))
-                    plan = revise(plan, done, elapsed_before + now - t_loop, sec)
-                    t_replan, step_replan = now, done
-                    replan_at = next_replan_step(plan)
-                    bar.total = plan.total_steps
-                    if plan.total_steps > stop:
-                        it.close()
-                        stop = 2 * plan.total_steps + 16
-                        it = self.source.batches(done, stop)
-                    if main:
-                        self._write_plan(plan)
-                        log.debug("re-plan at step %d: %.3fs/step -> %d steps", done, sec, plan.total_steps)
-                if not eta_logged and main and done - start == 20 and done < plan.total_steps:
-                    self._sync()
-                    per = (time.perf_counter() - t_loop) / (done - start)
-                    log.info("%s: %.3fs/step measured -> ~%s for the remaining %d steps", self.method.name, per,
-                             format_seconds(per * (plan.total_steps - done)), plan.total_steps - done)
-                    eta_logged = True
-                if self.dist.world_size == 1 and stop_req.signum and done < plan.total_steps:
-                    if acc.first_bad.item() >= 0:  # never checkpoint weights a non-finite loss has touched
-                        raise NonFiniteLoss(int(acc.first_bad.item()), self.run_dir)
-                    self._preempt(stop_req.signum, done, elapsed_before + time.perf_counter() - t_loop, plan, opt)
-                if done % every == 0 or done == plan.total_steps:
-                    now = time.perf_counter()
-                    want_ckpt = float(main and (now - last_ckpt >= cfg.train.ckpt_every_s))
-                    flags = distributed.all_reduce_max(torch.stack([  # no host sync before the all-reduce
-                        acc.first_bad.float(), torch.tensor(want_ckpt, device=self.device),
-                        torch.tensor(float(stop_req.signum), device=self.device)]))
-                    if flags[0].item() >= 0:
-                        raise NonFiniteLoss(int(flags[0].item()), self.run_dir)
-                    mean_loss = float(distributed.all_reduce_mean(acc.loss_sum / acc.n).item())
-                    last_loss = mean_loss
-                    ips = (done - step_log) * plan.global_batch / max(1e-9, now - t_log)
-                    if main:
-                        rec = {"step": done, "loss": mean_loss, "lr": lr_at(done - 1, plan), "img_per_s": ips,
-                               "elapsed_s": elapsed_before + now - t_loop,
-                               "data_wait": wait_log / max(1e-9, now - t_log)}
-                        rec.update({k: float((v / acc.n).item()) for k, v in acc.logs_sum.items()})
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        if board is not None:
-                            board.scalars("train", {k: v for k, v in rec.items() if k != "step"}, done)
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
-                    acc.reset()
-                    t_log, step_log, wait_log = now, done, 0.0
-                    if flags[2].item() > 0 and done < plan.total_steps:  # every rank stops at this boundary
-                        self._preempt(int(flags[2].item()), done, elapsed_before + time.perf_counter() - t_loop,
-                                      plan, opt)
-                    if flags[1].item() > 0 and done < plan.total_steps:
-                        self._save(done, elapsed_before + time.perf_counter() - t_loop, plan, opt, complete=False)
-                        last_ckpt = time.perf_counter()
-        finally:
-            stop_req.restore()
-            if board is not None:
-                board.close()
-            bar.close()
-            it.close()
+    def _announce(self, plan: Plan, resumed: Resumed | None) -> None:
+        """Rank 0: the run directory, ``plan.json`` and one line: what the budget bought, or where the run resumes."""
+        if self.dist.rank != 0:
+            return
+        if resumed is not None:
+            log.info("resuming %s at step %d/%d", self.method.name, resumed.step, plan.total_steps)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_plan(plan)
+        if resumed is None:
+            log.info("%s", describe_plan(self.method.name, plan))
+
+    def _replan(self, replan: Replanner, plan: Plan, done: int, clock: _Clock, batches: _Batches,
+                metrics: TrainLog) -> Plan:
+        """A wall-clock run's re-plan at step ``done``: the remaining steps from rank 0's measured speed."""
         self._sync()
-        seg_seconds = time.perf_counter() - t_loop
-        elapsed = elapsed_before + seg_seconds
+        now = time.perf_counter()
+        sec = float(distributed.broadcast_object(replan.seconds_per_step(done, now)))
+        plan = replan.revise(plan, done, now, clock.elapsed(now), sec)
+        metrics.bar.total = plan.total_steps
+        batches.reach(done, plan)
+        if self.dist.rank == 0:
+            self._write_plan(plan)
+            log.debug("re-plan at step %d: %.3fs/step -> %d steps", done, sec, plan.total_steps)
+        return plan
+
+    # ------------------------------------------------------------------ after the loop
+    def _finish(self, plan: Plan, opt: torch.optim.Optimizer, start: int, resumed: Resumed | None, metrics: TrainLog,
+                clock: _Clock) -> TrainResult:
+        """The complete checkpoint (it keeps what the summary reports: a kill before the export must not lose it),
+        then ``train_summary.json``."""
+        self._sync()
+        seconds = time.perf_counter() - clock.t0
         ran = plan.total_steps - start
-        ips = ran * plan.global_batch / seg_seconds if ran and seg_seconds > 0 else 0.0
-        if ran == 0 and state is not None:
-            ips = float(state.get("images_per_second", 0.0))
-            last_loss = float(state.get("final_loss", float("nan")))
-        # the complete checkpoint keeps what the summary reports: a kill before the export must not lose it
-        wait_share = wait_total / seg_seconds if ran and seg_seconds > 0 else 0.0
-        if ran == 0 and state is not None:
-            wait_share = float(state.get("data_wait_share", 0.0))
-        self._save(plan.total_steps, elapsed, plan, opt, complete=True, final_loss=last_loss, images_per_second=ips,
-                   data_wait_share=wait_share)
-        result = TrainResult(plan, plan.total_steps, elapsed, ips, last_loss, self._device_name(),
-                             self.dist.world_size, state is not None, wait_share, self.precision)
-        if main:
-            if wait_share > DATA_BOUND_SHARE:
+        if ran == 0 and resumed is not None:  # the complete checkpoint of a run killed before its export
+            finals = resumed.finals
+        else:
+            timed = ran > 0 and seconds > 0
+            finals = Finals(metrics.last_loss, ran * plan.global_batch / seconds if timed else 0.0,
+                            metrics.wait_total / seconds if timed else 0.0)
+        elapsed = clock.before + seconds
+        self.checkpoints.save(plan.total_steps, elapsed, plan, self.method, opt, finals=finals)
+        result = TrainResult(plan, plan.total_steps, elapsed, finals.images_per_second, finals.final_loss,
+                             self._device_name(), self.dist.world_size, resumed is not None, finals.data_wait_share,
+                             self.precision)
+        if self.dist.rank == 0:
+            if finals.data_wait_share > DATA_BOUND_SHARE:
                 log.warning("%s waited for data %.0f%% of its pre-training time: the run is data-bound (more "
                             "data.num_workers, data.decode=gpu, or a smaller image store; see the README)",
-                            self.method.name, 100 * wait_share)
+                            self.method.name, 100 * finals.data_wait_share)
             self._save_summary(result)
         return result
 
-    def _preempt(self, signum: int, done: int, elapsed: float, plan: Plan, opt) -> None:
-        """Save the checkpoint of step boundary ``done`` and stop (SIGTERM/SIGUSR1; ``repro.lock``)."""
-        self._sync()
-        self._save(done, elapsed, plan, opt, complete=False)
-        distributed.barrier()  # no rank leaves before rank 0's checkpoint is on disk
-        raise Preempted(signum, done, self.run_dir)
-
     def _write_plan(self, plan: Plan) -> None:
         atomic_write_text(self.run_dir / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")
-
-    def _save(self, next_step: int, elapsed: float, plan: Plan, opt, *, complete: bool, **final: float) -> None:
-        if self.dist.rank != 0:
-            return
-        state = {
-            "model": self.method.state_dict(), "optimizer": opt.state_dict(), "step": next_step, "elapsed": elapsed,
-            "plan": asdict(plan), "config_hash": self.cfg.config_hash(), "complete": complete, **final,
-        }
-        save_checkpoint(self.ckpt_path, state)
 
     def _save_summary(self, r: TrainResult) -> None:
         d = asdict(r)
@@ -550,8 +631,6 @@ class Trainer:
     def _device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
-        import platform
-
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -563,4 +642,3 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except json.JSONDecodeError:
         return None
-

@@ -113,11 +113,12 @@ VARIANTS = {
 def make_step(cfg: RunConfig, method: PretrainMethod, device: torch.device,
               variant: Variant = Variant()) -> Callable[[Batch, int], Any]:
     """The trainer's own step (optimizer, autocast, compile) as a closure ``step(batch, i)``."""
-    from repro.trainer import Plan, build_optimizer, resolve_hparams, train_step
+    from repro.budget import Budget
+    from repro.plan import make_plan, resolve_hparams
+    from repro.trainer import build_optimizer, train_step
 
-    hp = resolve_hparams(cfg)
-    plan = Plan(10**6, hp["global_batch"], 1, hp["lr"], hp["min_lr"], 0, hp["weight_decay"], hp["betas"], "bench",
-                "steps", None, None, 0, 0.0, None)
+    plan = make_plan(resolve_hparams(cfg), Budget("steps", 10**6, "bench"), steps_per_epoch=1, total_steps=10**6,
+                     warmup_steps=0)
     opt = build_optimizer(method, cfg, plan, device)
     if variant.optimizer != "fused":  # "fused" = the trainer's own choice (fused on CUDA, foreach on CPU)
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]

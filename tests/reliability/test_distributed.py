@@ -28,9 +28,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from repro.budget import parse_budget
 from repro.method import Batch
+from repro.plan import HParams, Plan, make_plan
 from repro.records import read_records
-from repro.trainer import Plan, Trainer
+from repro.trainer import Trainer
 from tests.conftest import tiny_method
 from tests.reliability.conftest import sets, subprocess_env
 
@@ -51,8 +53,9 @@ LOSS_RTOL, STATE_RTOL, STATE_ATOL = 1e-12, 1e-10, 1e-12
 
 
 def plan() -> Plan:
-    return Plan(STEPS, GLOBAL_BATCH, 1, 0.05, 0.05, 0, 0.0, (0.9, 0.95), f"{STEPS}steps", "steps", None, None, 0,
-                0.0, None)
+    hp = HParams(global_batch=GLOBAL_BATCH, lr=0.05, min_lr=0.05, weight_decay=0.0, betas=(0.9, 0.95),
+                 warmup_fraction=0.0)
+    return make_plan(hp, parse_budget(f"{STEPS}steps"), steps_per_epoch=1, total_steps=STEPS)
 
 
 def fixed_step_inputs(method, step: int) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:

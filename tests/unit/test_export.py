@@ -205,7 +205,8 @@ def test_a_failed_run_is_recorded_in_the_row_of_its_successful_runs(tmp_path, mo
 
 
 def test_a_trained_export_states_what_the_trainer_planned_and_measured(tmp_path):
-    from repro.trainer import TrainResult, revise
+    from repro.plan import revise
+    from repro.trainer import TrainResult
     from tests.unit.test_replan import time_plan
 
     plan = revise(time_plan(total=200, budget_s=100.0), 20, elapsed=10.0, seconds_per_step=0.25)

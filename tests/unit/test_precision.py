@@ -11,16 +11,18 @@ import pytest
 import torch
 
 import repro.precision
+from repro.budget import parse_budget
 from repro.config import ConfigError, apply_overrides
 from repro.data import load_data
 from repro.distributed import DistInfo
 from repro.export import EXPORT_META, ExportMeta
 from repro.method import Batch, StepInfo
+from repro.plan import make_plan, resolve_hparams
 from repro.precision import cpu_has_native_bf16, resolve_precision
 from repro.pretrain import pretrain, pretrain_record
 from repro.recipes import build_config
 from repro.records import ResultRecord
-from repro.trainer import Plan, build_optimizer, resolve_hparams, train_step
+from repro.trainer import build_optimizer, train_step
 from repro.views import TensorAugment
 from tests.conftest import tiny_config, tiny_method
 
@@ -88,9 +90,7 @@ def _one_step(method_name: str, precision: str) -> tuple[float, dict[str, torch.
     and after it."""
     cfg, m = tiny_method(method_name)  # seeded: the same initial weights every call
     before = copy.deepcopy(m.state_dict())
-    hp = resolve_hparams(cfg)
-    plan = Plan(10, hp["global_batch"], 1, hp["lr"], hp["min_lr"], 0, hp["weight_decay"], hp["betas"], "t", "steps",
-                None, None, 0, 0.0, None)
+    plan = make_plan(resolve_hparams(cfg), parse_budget("10steps"), steps_per_epoch=1, total_steps=10, warmup_steps=0)
     opt = build_optimizer(m, cfg, plan, CPU)
     images = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import pytest
 from evals.finetune import FINETUNE_RECIPES
 from evals.registry import eval_settings
 from repro.config import RunConfig
+from repro.plan import resolve_hparams
 from repro.recipes import RECIPES, build_config
 from repro.registry import METHODS, build_method
-from repro.trainer import resolve_hparams
 
 
 def recipe_config(method: str, recipe: str, **extra) -> RunConfig:
@@ -39,9 +39,9 @@ def test_cifar10_lrs_follow_each_papers_scaling_rule():
         hp = resolve_hparams(recipe_config(m, "cifar10"))
         paper = METHODS[m].paper_config()
         if paper.lr_is_absolute:  # ConMIM: 5e-4 at its batch 2048, scaled linearly to 512
-            assert hp["lr"] == pytest.approx(paper.base_lr * 512 / paper.batch_size)
+            assert hp.lr == pytest.approx(paper.base_lr * 512 / paper.batch_size)
         else:
-            assert hp["lr"] == pytest.approx(paper.base_lr * 512 / 256)
+            assert hp.lr == pytest.approx(paper.base_lr * 512 / 256)
 
 
 @pytest.mark.parametrize("method", ["micl", "mae", "conmim", "macrl"])

@@ -15,11 +15,14 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from repro.trainer import (
+from repro.budget import Budget, Calibration
+from repro.plan import (
     REPLAN_AT,
+    HParams,
     Plan,
     describe_plan,
     lr_at,
+    make_plan,
     next_replan_step,
     plan_from_dict,
     progress_at,
@@ -29,8 +32,9 @@ from tests.unit.test_trainer import _trainer
 
 
 def time_plan(total=200, warmup=20, lr=1.0, min_lr=0.0, budget_s=100.0) -> Plan:
-    return Plan(total, 8, 10, lr, min_lr, warmup, 0.05, (0.9, 0.95), f"{budget_s:g}s", "time", budget_s, 0.5, 5,
-                3.0, None, planned_steps=total)
+    hp = HParams(global_batch=8, lr=lr, min_lr=min_lr, weight_decay=0.05, betas=(0.9, 0.95), warmup_fraction=0.1)
+    return make_plan(hp, Budget("time", budget_s, f"{budget_s:g}s"), steps_per_epoch=10, total_steps=total,
+                     warmup_steps=warmup, calibration=Calibration(0.5, 5, 2, 3.0))
 
 
 def old_lr(step: int, p: Plan) -> float:

@@ -3,16 +3,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from repro.budget import parse_budget
 from repro.data import load_data
 from repro.distributed import DistInfo
-from repro.trainer import NonFiniteLoss, Plan, Trainer, build_optimizer, lr_at
+from repro.plan import HParams, Plan, lr_at, make_plan
+from repro.trainer import NonFiniteLoss, Trainer, build_optimizer
 from tests.conftest import tiny_method
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
 
 def plan(total=100, warmup=10, lr=1.0, min_lr=0.1) -> Plan:
-    return Plan(total, 8, 10, lr, min_lr, warmup, 0.05, (0.9, 0.95), "100steps", "steps", None, None, 0, 0.0, None)
+    hp = HParams(global_batch=8, lr=lr, min_lr=min_lr, weight_decay=0.05, betas=(0.9, 0.95), warmup_fraction=0.1)
+    return make_plan(hp, parse_budget(f"{total}steps"), steps_per_epoch=10, total_steps=total, warmup_steps=warmup)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -109,7 +112,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, method):
 def test_time_budget_calibration_leaves_no_trace(tmp_path):
     t, m = _trainer(tmp_path, "micl", budget="2s")
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    p = t._plan(lambda p: build_optimizer(m, t.cfg, p, torch.device("cpu")))
+    p = t._plan()
     assert p.seconds_per_step and p.seconds_per_step > 0 and p.total_steps == max(1, int(2 / p.seconds_per_step))
     assert p.calibration_steps >= t.cfg.budget.calib_min_steps
     for k, v in before.items():
