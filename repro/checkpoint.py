@@ -364,21 +364,12 @@ def resume_checkpoint(path: Path) -> tuple[dict[str, Any], Path, list[str]] | No
 
 
 # Exports moved to repro.export. These names stay importable from here, resolved when first used (repro.export imports
-# this module), for the modules that still import them from repro.checkpoint: evals/features.py and evals/dense/ (and
-# tests/dense), which were another engineer's files when the move was made. Point them at repro.export, then delete.
-_MOVED_TO_EXPORT = ("EXPORT_META", "EXPORT_WEIGHTS", "ExportMeta", "export_backbone", "load_export", "load_strict",
-                    "read_export")
+# this module), for evals/features.py (and tests/unit/test_feature_cache.py), another engineer's files when the move
+# was made. Point them at repro.export, then delete this.
+_MOVED_TO_EXPORT = ("EXPORT_META", "EXPORT_WEIGHTS", "ExportMeta", "load_export", "read_export")
 
 if TYPE_CHECKING:
-    from repro.export import (  # noqa: F401
-        EXPORT_META,
-        EXPORT_WEIGHTS,
-        ExportMeta,
-        export_backbone,
-        load_export,
-        load_strict,
-        read_export,
-    )
+    from repro.export import EXPORT_META, EXPORT_WEIGHTS, ExportMeta, load_export, read_export  # noqa: F401
 else:
     def __getattr__(name: str) -> Any:
         if name in _MOVED_TO_EXPORT:
