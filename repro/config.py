@@ -206,6 +206,26 @@ class RunConfig:
 
         return resolve_precision(self.train.precision, torch.device(device_type or self.train_device()))
 
+    def variant(self) -> str:
+        """How this run's method, model and training settings differ from its recipe's as the code now builds it (the
+        ``--set`` changes that alter the numbers): ``key=value`` items, sorted and comma-joined (method fields bare,
+        the others as ``model.x`` / ``train.x``); '' for the recipe as it is. The training precision has its own
+        column and is left out. Records carry it, and tables and claims keep a variant's rows apart from the
+        recipe's (``micl[augment=none]``)."""
+        from repro.recipes import build_config
+
+        mine, base = self.hash_inputs(), build_config(self.method, self.recipe).hash_inputs()
+        items = []
+        for section, prefix in (("method_cfg", ""), ("model", "model."), ("train", "train.")):
+            a, b = mine.get(section) or {}, base.get(section) or {}
+            for k in sorted(set(a) | set(b)):
+                if section == "train" and k in ("amp", "precision"):
+                    continue
+                if a.get(k) != b.get(k):
+                    v = a.get(k)
+                    items.append(f"{prefix}{k}=" + ("/".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
+        return ",".join(items)
+
     def config_hash(self) -> str:
         """Hash of everything that changes the numbers (not logging/checkpoint cadence or worker count): of
         :meth:`hash_inputs`."""

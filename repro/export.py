@@ -85,6 +85,8 @@ class Pretraining:
     """Wall-clock budgets: (step, new total steps) of each re-plan from the measured speed (``repro.plan``)."""
     stage1: Stage | None = None
     stage2: Stage | None = None
+    variant: str = ""
+    """How the run's settings differ from its recipe's (``RunConfig.variant``); '' for the recipe as it is."""
 
     @classmethod
     def from_json(cls, extra: dict[str, Any]) -> Pretraining:
@@ -227,7 +229,7 @@ def trained_meta(cfg: RunConfig, backbone: MaskedViT, data: DatasetSplits, resul
     return _meta(backbone, mean=tuple(data.mean), std=tuple(data.std), method=cfg.method, steps=result.steps,
                  budget=cfg.budget.spec.text, budget_seconds=cfg.budget.spec.seconds, config_hash=cfg.config_hash(),
                  git_revision=git_revision(), dataset=data.name, seed=cfg.seed, precision=result.precision,
-                 pretraining=result.facts(cfg.recipe))
+                 pretraining=replace(result.facts(cfg.recipe), variant=cfg.variant()))
 
 
 def random_init_meta(backbone: MaskedViT, data: DatasetSplits, seed: int, recipe: str) -> ExportMeta:
@@ -394,7 +396,7 @@ def record_from_export(meta: ExportMeta, dataset: str, eval_name: str, metric: s
         images_per_second=p.images_per_second, device_hours=p.device_hours,
         config_hash=meta.config_hash, git_revision=git_revision(), recipe=p.recipe, time=now_iso(),
         export_sha256=meta.weights_sha256,
-        precision=meta.precision,
+        precision=meta.precision, variant=p.variant,
     )
     return ResultRecord(**{**base, **fields})
 

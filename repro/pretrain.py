@@ -126,7 +126,7 @@ def _train_locked(cfg: RunConfig, method, data: DatasetSplits, dist_info, run_di
                                eval="pretrain", metric="final_loss", value=float("nan"), seed=cfg.seed,
                                status="failed", note=str(e), config_hash=cfg.config_hash(),
                                git_revision=git_revision(), recipe=cfg.recipe, time=now_iso(),
-                               precision=trainer.precision)
+                               precision=trainer.precision, variant=cfg.variant())
             append_records(records_path, [rec])
         raise
     meta = trained_meta(cfg, method.eval_backbone(), data, result)

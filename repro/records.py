@@ -65,6 +65,9 @@ class ResultRecord:
     """The command line that produced the number (``--set`` overrides and paths included); filled on append."""
     versions: str = ""
     """Package versions of the process that produced it (python, torch, timm, mm* when used); filled on append."""
+    variant: str = ""
+    """How the run's settings differ from its recipe's (``RunConfig.variant``: ``augment=none``); '' for the recipe as
+    it is and in records older than it. Tables and claims name such rows ``method[variant]``."""
     export_sha256: str = ""
     """SHA-256 of the ``backbone.safetensors`` the number was measured on (verified as it was loaded), so a record
     names the exact weights; '' in records older than it and where no export was read (``repro.report.integrity``

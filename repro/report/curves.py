@@ -46,7 +46,7 @@ def import_curves(runs_dir: Path, results_dir: Path, df: pd.DataFrame) -> tuple[
     for _, r in pre.iterrows():
         if not r["config_hash"]:
             continue
-        d = run_dir_path(runs_dir, r["dataset"], r["method"], str(r["model"]).split()[0], r["budget"], r["seed"],
+        d = run_dir_path(runs_dir, r["dataset"], r["run_method"], str(r["model"]).split()[0], r["budget"], r["seed"],
                          r["config_hash"])
         if not (d / "metrics.jsonl").exists():
             continue
@@ -54,7 +54,7 @@ def import_curves(runs_dir: Path, results_dir: Path, df: pd.DataFrame) -> tuple[
         problems += probs
         if curve.empty:
             continue
-        path = curve_path(results_dir, r["dataset"], r["method"], r["budget"], r["seed"], r["config_hash"])
+        path = curve_path(results_dir, r["dataset"], r["run_method"], r["budget"], r["seed"], r["config_hash"])
         atomic_write_text(path, curve.to_csv(index=False))
         written.append(path)
     return written, problems

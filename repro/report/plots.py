@@ -31,7 +31,7 @@ def plot_loss_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     pre = df[df["eval"] == "pretrain"].sort_values(["model", "budget", "seed"], kind="stable")
     curves = []
     for _, r in pre.iterrows():
-        p = curve_path(results_dir, r["dataset"], r["method"], r["budget"], r["seed"], r["config_hash"])
+        p = curve_path(results_dir, r["dataset"], r["run_method"], r["budget"], r["seed"], r["config_hash"])
         if r["config_hash"] and p.exists():
             curves.append((r, pd.read_csv(p)))
     if not curves:

@@ -48,7 +48,8 @@ def provenance(sub: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
         if method not in UNTRAINED:
             recipe = next((x for x in g["recipe"] if x), "")
             seeds = tuple(sorted(int(s) for s in set(g["seed"])))
-            commands.setdefault((budget, recipe, model, seeds), []).append(method)
+            run_method = str(g["run_method"].iloc[0]) if "run_method" in g else method  # without its [variant]
+            commands.setdefault((budget, recipe, model, seeds), []).append(run_method)
         for seed, s in g.groupby("seed", sort=True):
             pre = s[s["eval"] == "pretrain"]
             ev = s[s["eval"] != "pretrain"]

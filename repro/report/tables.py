@@ -9,7 +9,8 @@ from repro.records import DATA_BOUND_SHARE, ResultRecord
 
 KEY = ["dataset", "method", "model", "budget", "precision", "eval", "metric", "seed"]
 """One measured cell. ``precision`` is the training precision ('' in records older than it): a bf16 run and an fp32 run
-of the same method and budget are different rows, never averaged together."""
+of the same method and budget are different rows, never averaged together. ``method`` includes the run's variant of
+its recipe (``micl[augment=none]``, from the record's ``variant``), so a variant never replaces the recipe's row."""
 EVAL_ORDER = ["knn", "linear", "linear-mocov3", "finetune", "ade20k", "coco"]
 METRIC_ORDER = ["top1", "top5", "mIoU", "mAcc", "box_AP", "mask_AP"]
 
@@ -25,6 +26,11 @@ def records_frame(records: list[ResultRecord]) -> pd.DataFrame:
         return pd.DataFrame(columns=[*KEY, "value", "status", "time"])
     df = pd.DataFrame([r.__dict__ for r in records])
     df["precision"] = df["precision"].fillna("") if "precision" in df else ""
+    # a variant of the recipe (``--set method.augment=none``) is its own row: ``micl[augment=none]``; ``run_method``
+    # keeps the method that names its run directory and curve files
+    df["run_method"] = df["method"]
+    variant = df["variant"].fillna("") if "variant" in df else pd.Series("", index=df.index)
+    df["method"] = df["method"].where(variant == "", df["method"] + "[" + variant + "]")
     df = df[df["status"] == "ok"]
     # latest measurement of each key wins (re-runs append; nothing is rewritten)
     df = df.sort_values("time", kind="stable").drop_duplicates(KEY, keep="last")
@@ -43,8 +49,8 @@ def fmt_cell(values: pd.Series, seeds: int = 1) -> str:
 def method_order(methods: list[str]) -> list[str]:
     from repro.registry import METHODS
 
-    known = [m for m in METHODS if m in methods]
-    other = sorted(m for m in methods if m not in METHODS and m not in UNTRAINED)
+    known = [v for m in METHODS for v in [m, *sorted(x for x in methods if x.startswith(m + "["))] if v in methods]
+    other = sorted(m for m in methods if m not in known and m not in UNTRAINED)
     return known + other + [m for m in UNTRAINED if m in methods]
 
 

@@ -172,3 +172,41 @@ def test_floor_checks_and_tables_keep_precisions_apart():
         df[col] = 1.0
     table = dataset_table(df)
     assert sorted(table[table["method"] == "m"]["precision"]) == ["bf16", "fp32"]
+
+
+def test_a_variant_of_the_recipe_is_its_own_row_and_arm():
+    """A run with ``--set method.augment=none`` records its variant; the report names its rows ``micl[augment=none]``,
+    never averaged with (or replacing) the recipe's rows of the same method, budget and seed."""
+    from repro.records import ResultRecord
+    from repro.report.tables import dataset_table, method_order, records_frame
+
+    recs = []
+    for variant, values in (("", [40.0, 40.4, 39.8]), ("augment=none", [41.0, 41.2, 41.4])):
+        for seed, v in enumerate(values):
+            common = dict(method="micl", model="vit", dataset="d", budget="1e12flop", seed=seed, variant=variant,
+                          time=f"2026-01-0{seed + 1}T00:00:0{int(bool(variant))}", config_hash=f"h{variant}{seed}")
+            recs += [ResultRecord(eval="pretrain", metric="final_loss", value=1.0, steps=500, epochs=1.0,
+                                  pretrain_seconds=1.0, images_per_second=1.0, device_hours=1.0, **common),
+                     ResultRecord(eval="knn", metric="top1", value=v, **common)]
+    df = records_frame(recs)
+    assert set(df["method"]) == {"micl", "micl[augment=none]"} and set(df["run_method"]) == {"micl"}
+    table = dataset_table(df)
+    assert list(table["method"]) == ["micl", "micl[augment=none]"]
+    assert list(table["knn top1"]) == ["40.07 ± 0.31", "41.20 ± 0.20"]
+    assert method_order(["random-init", "mae", "micl[augment=none]", "micl"]) == [
+        "micl", "micl[augment=none]", "mae", "random-init"]
+    c = Claim(id="aug", kind="matches", a="micl[augment=none]", b="micl", evals=("knn",), budget="1e12flop",
+              margin=0.5)
+    r = check_beats(df, c, "knn")
+    assert (r.a.values, r.b.values) == ((41.0, 41.2, 41.4), (40.0, 40.4, 39.8)) and r.verdict == CONTRADICTED
+
+
+def test_a_run_config_names_how_it_differs_from_its_recipe():
+    from repro.recipes import build_config
+
+    assert build_config("micl", "cifar10-cpu").variant() == ""
+    assert build_config("micl", "cifar10-cpu", {"method.augment": "none"}).variant() == "augment=none"
+    assert build_config("micl", "cifar10-cpu", {"train.precision": "bf16"}).variant() == ""  # its own column
+    assert build_config("mae", "cifar10-cpu", {"method.decoder_depth": 2, "train.base_lr": 3e-3}).variant() == (
+        "decoder_depth=2,train.base_lr=0.003")
+    assert build_config("micl", "tiny", {"model.depth": 2}).variant() == "model.depth=2"
