@@ -30,20 +30,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from evals.settings import UNKEYED
-from repro.checkpoint import (
-    EXPORT_META,
-    EXPORT_WEIGHTS,
-    CheckpointError,
-    ExportMeta,
-    atomic_write,
-    file_sha256,
-    load_export,
-    read_export,
-)
+from repro.checkpoint import CheckpointError, atomic_write, file_sha256
 from repro.config import ConfigError
 from repro.data import DatasetSplits, FileImages, Split, balanced_subset, held_out_of_subset
+from repro.export import EXPORT_META, EXPORT_WEIGHTS, ExportMeta, load_export, read_export, record_from_export
 from repro.precision import PRECISIONS, autocast, cpu_has_native_bf16, resolve_precision
-from repro.records import ResultRecord, record_from_export
+from repro.records import ResultRecord
 from repro.sources import eval_batches
 
 log = logging.getLogger("repro")

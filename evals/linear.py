@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from evals.features import EvalContext, FeatureSettings, make_record, precision_note, subset_note
-from repro.checkpoint import load_export
 from repro.config import ConfigError
+from repro.export import load_export
 from repro.precision import autocast
 from repro.records import ResultRecord
 from repro.schedules import cosine_after_warmup

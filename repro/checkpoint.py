@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -361,19 +361,3 @@ def resume_checkpoint(path: Path) -> tuple[dict[str, Any], Path, list[str]] | No
     others = "; the previous checkpoint fails too" if len(candidates) > 1 else "; there is no previous checkpoint"
     raise CheckpointError(f"{skipped[0]}{others}: nothing was loaded. Restore {path.name} from a copy, or delete "
                           f"the run directory {path.parent} to train again from step 0")
-
-
-# Exports moved to repro.export. These names stay importable from here, resolved when first used (repro.export imports
-# this module), for evals/features.py (and tests/unit/test_feature_cache.py), another engineer's files when the move
-# was made. Point them at repro.export, then delete this.
-_MOVED_TO_EXPORT = ("EXPORT_META", "EXPORT_WEIGHTS", "ExportMeta", "load_export", "read_export")
-
-if TYPE_CHECKING:
-    from repro.export import EXPORT_META, EXPORT_WEIGHTS, ExportMeta, load_export, read_export  # noqa: F401
-else:
-    def __getattr__(name: str) -> Any:
-        if name in _MOVED_TO_EXPORT:
-            from repro import export
-
-            return getattr(export, name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

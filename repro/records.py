@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 DATA_BOUND_SHARE = 0.10
 """A run that spends more than this share of its pre-training wall-clock waiting for batches is data-bound: the
@@ -212,17 +212,3 @@ def run_dir_path(out: Path, dataset: str, method: str, model_name: str, budget: 
     """Where a pre-training run lives: ``OUT/<dataset>/<method>/<model>-<budget>-s<seed>-<config hash>``. The one
     definition ``repro.run`` writes to and ``repro.report`` reads from."""
     return Path(out) / dataset / method / f"{model_name}-{budget.replace('/', '_')}-s{seed}-{config_hash}"
-
-
-# record_from_export moved to repro.export; importable from here, resolved when first used (repro.export imports this
-# module), for evals/features.py (another engineer's file when the move was made). Point it at repro.export, then
-# delete.
-if TYPE_CHECKING:
-    from repro.export import record_from_export  # noqa: F401
-else:
-    def __getattr__(name: str) -> Any:
-        if name == "record_from_export":
-            from repro import export
-
-            return export.record_from_export
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

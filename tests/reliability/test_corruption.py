@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, PREVIOUS_CHECKPOINT, load_checkpoint, verify_file
+from repro.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, load_checkpoint, verify_file
+from repro.export import EXPORT_WEIGHTS
 from repro.signals import PREEMPTED_EXIT
 from tests.reliability.conftest import error_line, run_module, tree
 from tests.reliability.test_preemption import start, wait_until

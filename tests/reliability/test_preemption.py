@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from repro.checkpoint import CHECKPOINT, EXPORT_WEIGHTS, load_checkpoint
+from repro.checkpoint import CHECKPOINT, load_checkpoint
+from repro.export import EXPORT_WEIGHTS
 from repro.signals import PREEMPTED_EXIT
 from tests.reliability.conftest import error_line, run_module, subprocess_env
 from tests.reliability.test_resume import STEPS, cli_args, logged

@@ -52,17 +52,20 @@ def test_only_the_export_module_builds_export_metadata():
     assert built == ["repro/export.py"]
 
 
-def test_the_moved_names_still_resolve_where_they_were():
-    """evals/features.py and evals/dense/ import them from their old modules until they are pointed at repro.export."""
-    from repro.checkpoint import ExportMeta as old_meta
-    from repro.checkpoint import read_export as old_read
-    from repro.records import record_from_export as old_record
-
-    assert (old_meta, old_read, old_record) == (ExportMeta, read_export, record_from_export)
-    with pytest.raises(AttributeError):
-        checkpoint.no_such_name  # noqa: B018
-    with pytest.raises(AttributeError):
-        records.no_such_name  # noqa: B018
+def test_exports_have_one_home():
+    """ExportMeta, reading, loading and the record of an export live in repro.export alone: the old paths through
+    repro.checkpoint and repro.records are gone, and no source file imports them from there."""
+    for module, name in ((checkpoint, "ExportMeta"), (checkpoint, "read_export"), (checkpoint, "load_export"),
+                         (records, "record_from_export")):
+        assert not hasattr(module, name), f"{module.__name__}.{name}"
+    root = Path(__file__).resolve().parents[2]
+    moved = {"ExportMeta", "read_export", "load_export", "record_from_export", "EXPORT_META", "EXPORT_WEIGHTS"}
+    offenders = []
+    for path in [*root.glob("repro/**/*.py"), *root.glob("evals/**/*.py"), *root.glob("tests/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("repro.checkpoint", "repro.records"):
+                offenders += [f"{path.relative_to(root)}: {a.name}" for a in node.names if a.name in moved]
+    assert offenders == []
 
 
 def test_random_init_and_teacher_exports_round_trip(tmp_path):

@@ -186,7 +186,7 @@ def test_the_mocov3_linear_protocol_is_sgd_on_fresh_crops_with_a_per_epoch_cosin
     import math
 
     import evals.linear as linear
-    from repro.checkpoint import read_export
+    from repro.export import read_export
 
     steps: list[float] = []
     real_sgd = torch.optim.SGD
