@@ -19,6 +19,12 @@ class Override(NamedTuple):
     why: str
 
 
+def small_decoder(why_width: str, why_depth: str) -> list[Override]:
+    """MAE's (and MACRL's) decoder at 2 blocks of 128 (4 heads) for the small recipes."""
+    return [Override("method.decoder_dim", 128, why_width), Override("method.decoder_depth", 2, why_depth),
+            Override("method.decoder_heads", 4, "128 / 4 = 32-wide heads")]
+
+
 def tiny(method: str) -> list[Override]:
     """Built-in 32-px data on a laptop CPU in minutes: a 6-block ViT-Tiny on 4-px patches (64 tokens)."""
     common = [
@@ -40,31 +46,23 @@ def tiny(method: str) -> list[Override]:
                  "LARS moves the probe by ~lr x 0.001 x |w| per step, so its total travel scales with dataset size "
                  "x base lr: MAE's 0.1 (tuned for 1.28M images) leaves a probe on 5k images near its init"),
     ]
+    narrow_heads = Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step")
     per_method: dict[str, list[Override]] = {
         "micl": [Override("method.mask_ratio", 0.75, "0.9 of 64 tokens keeps 6 (3 per view); 0.75 keeps 16 "
                           "(8 per view), about the 9 per view of ViT-B at 0.9")],
-        "mae": [
-            Override("method.decoder_dim", 128, "the 8x512 decoder is ~4x the cost of this 6x192 encoder"),
-            Override("method.decoder_depth", 2, "same reason; MAE Table 1a shows depth 1-2 still works"),
-            Override("method.decoder_heads", 4, "128 / 4 = 32-wide heads"),
-        ],
-        "mocov3": [
-            Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step"),
-        ],
+        "mae": small_decoder("the 8x512 decoder is ~4x the cost of this 6x192 encoder",
+                             "same reason; MAE Table 1a shows depth 1-2 still works"),
+        "mocov3": [narrow_heads],
         "conmim": [
             Override("method.num_mask_patches", 24, "75/196 (38%) of 64 tokens"),
             Override("method.min_mask_patches", 5, "BEiT's 16 of 196 patches, scaled to 64"),
-            Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step"),
+            narrow_heads,
             Override("train.base_lr", 5e-4, "ConMIM's lr is absolute (paper: 5e-4): the same lr the others get here "
                      "(1e-3 x 128 / 256)"),
         ],
-        "mimco": [
-            Override("method.mlp_dim", 1024, "4096-wide heads on a 192-wide encoder would dominate the step"),
-        ],
+        "mimco": [narrow_heads],
         "macrl": [
-            Override("method.decoder_dim", 128, "as MAE here: the 8x512 decoders would be ~8x this encoder"),
-            Override("method.decoder_depth", 2, "as MAE here"),
-            Override("method.decoder_heads", 4, "128 / 4 = 32-wide heads"),
+            *small_decoder("as MAE here: the 8x512 decoders would be ~8x this encoder", "as MAE here"),
             Override("method.bank_size", 4096, "below the 5k built-in training images (65536 is ImageNet's)"),
         ],
     }
