@@ -11,6 +11,9 @@ Kinds of claim (``kind`` in a ``[[claim]]`` table):
 - ``matches`` — ``a`` and ``b`` (e.g. one method trained in bf16 and in fp32: ``a_precision``/``b_precision``) reach
   the same accuracy: *supported* when the whole Welch interval lies within ±``margin`` points, *contradicted* when it
   excludes zero (a difference the seeds resolve), *cannot tell* otherwise.
+- ``no-worse`` — ``a`` is not worse than ``b`` by more than ``margin`` points (non-inferiority: a claim that
+  something is *not needed*): *supported* when the Welch interval's lower end is above −``margin``, *contradicted*
+  when its upper end is below −``margin`` (worse by more than the margin, resolved), *cannot tell* otherwise.
 - ``reaches`` — ``a`` reaches ``b``'s accuracy at ``b``'s largest measured budget at a fraction of ``b``'s compute
   (FLOP budgets). Computed only where that target clears the floor by a margin its own interval resolves; the
   fraction is read off ``a``'s curve of seed means (log-linear between measured budgets) and its 95% interval comes
@@ -48,7 +51,7 @@ MIN_SEEDS = 3
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 4000
 FLOOR = "random-init"
-KINDS = ("beats", "reaches", "matches")
+KINDS = ("beats", "reaches", "matches", "no-worse")
 
 SUPPORTED, CONTRADICTED, CANNOT_TELL, NOT_TESTABLE = ("supported", "contradicted", "cannot tell",
                                                       "not testable at this scale")
@@ -117,9 +120,9 @@ def load_claims(path: Path) -> list[Claim]:
                 raise ConfigError(f"{where}: missing '{k}'")
         if c["kind"] not in KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {c['kind']!r}")
-        if c["kind"] in ("beats", "matches") and c["b"] != FLOOR and not c.get("budget"):
+        if c["kind"] != "reaches" and c["b"] != FLOOR and not c.get("budget"):
             raise ConfigError(f"{where}: a '{c['kind']}' claim between two arms needs 'budget'")
-        if c["kind"] == "matches" and not c.get("margin", 0) > 0:
+        if c["kind"] in ("matches", "no-worse") and not c.get("margin", 0) > 0:
             raise ConfigError(f"{where}: a 'matches' claim needs a positive 'margin' (points)")
         out.append(Claim(**{**c, "evals": tuple(c["evals"])}))
     ids = [c.id for c in out]
@@ -306,6 +309,10 @@ def check_beats(df: pd.DataFrame, c: Claim, ev: str) -> Result:
         r.verdict = (SUPPORTED if -c.margin <= w.low and w.high <= c.margin else
                      CONTRADICTED if w.low > 0 or w.high < 0 else CANNOT_TELL)
         r.interval += f"; margin ±{c.margin:g}"
+    if c.kind == "no-worse" and min(a.n, b.n) >= MIN_SEEDS:
+        # non-inferiority: the whole interval above -margin; worse by more than the margin, resolved, contradicts it
+        r.verdict = SUPPORTED if w.low > -c.margin else CONTRADICTED if w.high < -c.margin else CANNOT_TELL
+        r.interval += f"; margin −{c.margin:g}"
     if min(a.n, b.n) < MIN_SEEDS:
         r.reason = f"n = {a.n} vs {b.n}: a verdict needs ≥ {MIN_SEEDS} seeds per arm"
     return r
@@ -431,7 +438,8 @@ def claims_markdown(df: pd.DataFrame, claims: list[Claim], dataset: str) -> list
         if c.kind == "reaches":
             what = f"{c.label_a} reaches {c.label_b}'s accuracy at {c.label_b}'s largest budget"
         else:
-            what = (f"{c.label_a} {'vs' if c.kind == 'beats' else 'matches'} {c.label_b}"
+            verb = {"beats": "vs", "matches": "matches", "no-worse": f"no worse by more than {c.margin:g} than"}
+            what = (f"{c.label_a} {verb[c.kind]} {c.label_b}"
                     + (f" at {c.budget}" if c.budget and c.b != FLOOR else ""))
         lines.append(f"{head} — tested as: {what} ({c.metric}).")
         lines += [r.line() for r in evaluate_claim(df, c)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -210,3 +211,26 @@ def test_a_run_config_names_how_it_differs_from_its_recipe():
     assert build_config("mae", "cifar10-cpu", {"method.decoder_depth": 2, "train.base_lr": 3e-3}).variant() == (
         "decoder_depth=2,train.base_lr=0.003")
     assert build_config("micl", "tiny", {"model.depth": 2}).variant() == "model.depth=2"
+
+
+def test_no_worse_is_a_non_inferiority_test():
+    """'x is not needed': dropping it must not cost more than the margin. Better counts as supported (unlike
+    'matches'); a resolved loss beyond the margin contradicts; an interval across -margin cannot tell."""
+    base = rows("m", "knn", "1e12flop", [40.0, 40.4, 39.8])
+    c = Claim(id="n", kind="no-worse", a="v", b="m", evals=("knn",), budget="1e12flop", margin=1.0)
+    better = rows("v", "knn", "1e12flop", [41.0, 41.2, 41.4])
+    assert check_beats(frame(base, better), c, "knn").verdict == SUPPORTED
+    assert check_beats(frame(base, better), replace(c, kind="matches"), "knn").verdict == CONTRADICTED
+    assert check_beats(frame(base, rows("v", "knn", "1e12flop", [37.0, 37.2, 36.9])), c, "knn").verdict == CONTRADICTED
+    wide = rows("v", "knn", "1e12flop", [38.0, 40.5, 39.0])
+    r = check_beats(frame(base, wide), c, "knn")
+    assert r.verdict == CANNOT_TELL and "margin −1" in r.interval
+    two = rows("v", "knn", "1e12flop", [41.0, 41.2])
+    assert check_beats(frame(base, two), c, "knn").verdict == CANNOT_TELL  # two seeds: no verdict
+
+
+def test_no_worse_needs_a_margin(tmp_path):
+    p = tmp_path / "claims.toml"
+    p.write_text('[[claim]]\nid = "n"\nkind = "no-worse"\na = "v"\nb = "m"\nbudget = "1e12flop"\nevals = ["knn"]\n')
+    with pytest.raises(ConfigError, match="margin"):
+        load_claims(p)
