@@ -173,8 +173,7 @@ class EvalContext:
             path = export_dir / CACHE_DIR / f"{key}.pt"
             feats = self._load(path, key, len(train)) if self.disk_cache else None
             if feats is None:
-                model, meta = load_export(export_dir)
-                model.to(self.device)
+                model, meta = self._model(export_dir)
                 t0 = time.perf_counter()
                 feats = Features(*extract(model, train, meta, self, "train", s.feature_batch_size, precision),
                                  *extract(model, self.data.test, meta, self, "test", s.feature_batch_size, precision),
@@ -188,6 +187,11 @@ class EvalContext:
                 meta, _ = read_export(export_dir, weights=False)
             self._cache = {key: (feats, meta)}  # one export at a time keeps memory flat
         return self._cache[key]
+
+    def _model(self, export_dir: Path) -> tuple[nn.Module, ExportMeta]:
+        """The export's encoder (verified, strictly loaded) on this context's device."""
+        model, meta = load_export(export_dir)
+        return model.to(self.device), meta
 
     def held_out_features(self, export_dir: Path, s: FeatureSettings, n: int) -> tuple[Tensor, Tensor] | None:
         """Features and labels of ``n`` training images outside ``s.train_subset`` (class-balanced, fixed by the
@@ -204,8 +208,7 @@ class EvalContext:
             path = export_dir / CACHE_DIR / f"{key}.pt"
             got = self._load_pair(path, key, len(split)) if self.disk_cache else None
             if got is None:
-                model, meta = load_export(export_dir)
-                model.to(self.device)
+                model, meta = self._model(export_dir)
                 t0 = time.perf_counter()
                 got = extract(model, split, meta, self, "held-out", s.feature_batch_size, precision)
                 log.info("features of %s: %d held-out training images in %.1fs (%s)", export_dir, len(split),
