@@ -70,8 +70,9 @@ def test_stop_signal_saves_a_checkpoint_exits_75_and_the_rerun_is_bit_identical(
 def test_two_commands_never_train_one_run_directory_at_once(tmp_path, reference):
     out, results = tmp_path / "runs", tmp_path / "results"
     args = cli_args(out, results)
-    # each checkpoint write (one per step here) waits 0.5 s: the first run lasts long enough for the others to start
-    first, first_err = start(args, tmp_path, "first", REPRO_TEST_SLOW_CKPT="0.5")
+    # each checkpoint write (one per step here) waits 1 s: the first run lasts long enough for the two other
+    # processes to start even on loaded cores (0.5 s was too short once with an experiment sharing both cores)
+    first, first_err = start(args, tmp_path, "first", REPRO_TEST_SLOW_CKPT="1.0")
     wait_until(lambda: logged(out)[1] >= 2, first)
 
     second = run_module(args, tmp_path)  # a second terminal: refused at once, in one line naming the holder
