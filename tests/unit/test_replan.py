@@ -101,7 +101,7 @@ def test_plan_line_states_steps_epochs_and_the_estimate():
 
 
 def test_a_wall_clock_run_records_its_revisions_and_a_resume_replays_them(tmp_path):
-    t, _ = _trainer(tmp_path, "micl", budget="4s")
+    t, _ = _trainer(tmp_path, "micl", budget="8s")
     real = t.source.batch
     killed_at: list[int] = []
 
@@ -120,7 +120,7 @@ def test_a_wall_clock_run_records_its_revisions_and_a_resume_replays_them(tmp_pa
         t.fit()
     saved = plan_from_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["plan"])
     assert len(saved.revisions) >= 1 and saved.budget_kind == "time"
-    resumed, _ = _trainer(tmp_path, "micl", budget="4s")
+    resumed, _ = _trainer(tmp_path, "micl", budget="8s")
     result = resumed.fit()
     final = plan_from_dict(json.loads((tmp_path / "plan.json").read_text()))
     assert result.resumed and result.steps == final.total_steps
