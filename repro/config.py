@@ -210,16 +210,20 @@ class RunConfig:
         """How this run's method, model and training settings differ from its recipe's as the code now builds it (the
         ``--set`` changes that alter the numbers): ``key=value`` items, sorted and comma-joined (method fields bare,
         the others as ``model.x`` / ``train.x``); '' for the recipe as it is. The training precision has its own
-        column and is left out. Records carry it, and tables and claims keep a variant's rows apart from the
+        column and is left out, and so is the export a prerequisite stage trains for the run (MimCo's ``teacher``:
+        a path per run, not a setting). Records carry it, and tables and claims keep a variant's rows apart from the
         recipe's (``micl[augment=none]``)."""
         from repro.recipes import build_config
+        from repro.registry import METHODS
 
         mine, base = self.hash_inputs(), build_config(self.method, self.recipe).hash_inputs()
+        prerequisite = METHODS[self.method].prerequisite
         items = []
         for section, prefix in (("method_cfg", ""), ("model", "model."), ("train", "train.")):
             a, b = mine.get(section) or {}, base.get(section) or {}
             for k in sorted(set(a) | set(b)):
-                if section == "train" and k in ("amp", "precision"):
+                if (section == "train" and k in ("amp", "precision")) or (
+                        section == "method_cfg" and prerequisite is not None and k == prerequisite.config_field):
                     continue
                 if a.get(k) != b.get(k):
                     v = a.get(k)

@@ -211,6 +211,9 @@ def test_a_run_config_names_how_it_differs_from_its_recipe():
     assert build_config("mae", "cifar10-cpu", {"method.decoder_depth": 2, "train.base_lr": 3e-3}).variant() == (
         "decoder_depth=2,train.base_lr=0.003")
     assert build_config("micl", "tiny", {"model.depth": 2}).variant() == "model.depth=2"
+    # the teacher a prerequisite stage trains for each run is a path, not a setting
+    assert build_config("mimco", "cifar10-cpu", {"method.teacher": "/runs/s0/stage1-mocov3"}).variant() == ""
+    assert build_config("mimco", "cifar10-cpu", {"method.stage1_fraction": 0.25}).variant() == "stage1_fraction=0.25"
 
 
 def test_no_worse_is_a_non_inferiority_test():
