@@ -93,8 +93,12 @@ def test_the_readme_results_block_quotes_only_generated_numbers(tmp_path: Path):
     # the same block with one number changed, against the same generated files
     planted = tmp_path / "README.md"
     (tmp_path / "results").symlink_to(ROOT / "results")
-    planted.write_text(text.replace("49.80 ± 0.40", "49.90 ± 0.40", 1))
-    assert [p for p in check_readme(planted, committed_text) if "49.90" in p]
+    block = text[text.index("<!-- numbers from:"):text.index("<!-- end numbers -->")]
+    quoted = re.search(r"(\d+)\.(\d\d) ± \d+\.\d\d", block)  # the block's first quoted cell
+    assert quoted is not None
+    wrong = f"{int(quoted.group(1)) + 1}.{quoted.group(2)}"
+    planted.write_text(text.replace(quoted.group(0), quoted.group(0).replace(quoted.group(1) + ".", wrong[:-2], 1), 1))
+    assert [p for p in check_readme(planted, committed_text) if wrong in p]
 
 
 def test_a_placeholder_never_averages_two_training_precisions(toy: Path):
