@@ -24,8 +24,9 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from repro.report.tables import UNTRAINED
+
 HAND_WRITTEN = ("NOTES.md", "claims.toml")
-UNTRAINED = ("random-init", "supervised-scratch")
 
 
 def complete_lines(path: Path, seeds: list[int], evals: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
