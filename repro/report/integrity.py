@@ -5,6 +5,11 @@ the export was loaded). One run (same method, model, dataset, budget, seed and c
 records name two, the export was replaced between evaluations (the run re-trained into a fresh directory, a copy
 restored from elsewhere, a different machine's run merged in) and the table would silently average numbers of
 different weights. The report prints these warnings; it does not pick a side.
+
+Only the measurements the tables use count: the latest record of each evaluation and metric. A run re-trained and
+re-evaluated in full (the demo's wall-clock budget run again over the committed records) supersedes every record of
+the old export, so the table holds one export's numbers and nothing is flagged; a re-run that re-measured only some
+evaluations leaves the others on the old export, and is.
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ RUN_KEY = ["method", "model", "dataset", "budget", "seed", "config_hash"]
 def export_checksum_conflicts(df: pd.DataFrame) -> list[str]:
     """One human-readable line per run whose records name more than one export checksum.
 
-    ``df`` is a frame of result records (``ResultRecord`` fields as columns). Pass all records, not the frame the
-    tables deduplicate to the latest measurement per key, or a stale record that a newer one of the same evaluation
-    shadows goes unseen. Records without a checksum (older than the field, or pre-training rows) and without a config
-    hash (random-init floors and converted official checkpoints: no run identity, so two different releases of one
-    method and model are not a conflict) are left out.
+    ``df`` is a frame of result records (``ResultRecord`` fields as columns), all of them: the latest record of each
+    (run, evaluation, metric) is chosen here, by ``time``, as the tables choose it. Records without a checksum (older
+    than the field, or pre-training rows) and without a config hash (random-init floors and converted official
+    checkpoints: no run identity, so two different releases of one method and model are not a conflict) are left
+    out.
     """
     if df.empty or "export_sha256" not in df.columns or any(c not in df.columns for c in RUN_KEY):
         return []
     sha = df["export_sha256"].fillna("").astype(str)
     cfg = df["config_hash"].fillna("").astype(str)
     sub = df[(sha != "") & (cfg != "")]
+    if "status" in sub.columns:
+        sub = sub[sub["status"].fillna("ok") == "ok"]
+    if "time" in sub.columns:  # the measurement each table cell uses; older ones of the same evaluation are superseded
+        sub = sub.sort_values("time", kind="stable").drop_duplicates([*RUN_KEY, "eval", "metric"], keep="last")
     out: list[str] = []
     for key, g in sub.groupby(RUN_KEY, sort=True, dropna=False):
         digests = g["export_sha256"].astype(str)

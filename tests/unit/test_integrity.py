@@ -416,6 +416,21 @@ def test_records_of_one_run_naming_two_exports_are_flagged():
     assert f"{a[:12]} in 2 records (knn/top1, linear/top1)" in line and f"{b[:12]} in 1 record (finetune/top1)" in line
 
 
+def test_a_run_retrained_and_reevaluated_in_full_supersedes_its_old_export():
+    # the demo's wall-clock run again over committed records: every evaluation re-measured on the new export
+    a, b = "a" * 64, "b" * 64
+    old = [_rec(a, time="2026-12-01T10:00:00+0000"), _rec(a, "linear", time="2026-12-01T10:01:00+0000")]
+    new = [_rec(b, time="2026-12-04T10:00:00+0000"), _rec(b, "linear", time="2026-12-04T10:01:00+0000")]
+    assert export_checksum_conflicts(pd.DataFrame(new + old)) == []
+    # only kNN re-measured: the table's linear cell is still the old export's, so the run is flagged
+    lines = export_checksum_conflicts(pd.DataFrame([*old, new[0]]))
+    assert len(lines) == 1
+    assert f"{a[:12]} in 1 record (linear/top1)" in lines[0] and f"{b[:12]} in 1 record (knn/top1)" in lines[0]
+    # a failed re-measurement does not supersede the number the table shows
+    failed = _rec(b, "linear", time="2026-12-04T10:02:00+0000", status="failed")
+    assert len(export_checksum_conflicts(pd.DataFrame([*old, new[0], failed]))) == 1
+
+
 def test_records_without_a_checksum_or_a_run_identity_are_no_conflict():
     a, b = "a" * 64, "b" * 64
     assert export_checksum_conflicts(pd.DataFrame([_rec(a), _rec("", "linear"), _rec("", "pretrain")])) == []
