@@ -96,6 +96,20 @@ def data_bound(pre: pd.DataFrame) -> list[str]:
     return out
 
 
+def mixed_devices(pre: pd.DataFrame) -> list[str]:
+    """One line when the seeds of a wall-clock budget pre-trained on different devices (``--budget 90s`` buys another
+    number of steps on each: a user's demo run beside the committed seeds of another machine); FLOP, step and epoch
+    budgets train the same whatever the device, and are not flagged."""
+    if pre.empty or "device" not in pre or "budget_seconds" not in pre or pre["budget_seconds"].isna().all():
+        return []
+    dev = pre["device"].fillna("").astype(str)
+    if dev.nunique() < 2:
+        return []
+    parts = [f"{d or 'unknown'} for seed{'s' if (dev == d).sum() > 1 else ''} "
+             f"{', '.join(str(x) for x in sorted(pre.loc[dev == d, 'seed']))}" for d in sorted(dev.unique())]
+    return [f"a wall-clock budget on different devices ({'; '.join(parts)}): the seeds trained different step counts"]
+
+
 def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     """One dataset's rows -> the comparison table (strings, ready to print); ``note`` holds pre-training notes."""
     rows = []
@@ -130,6 +144,7 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
                 mixed.append(e)
         notes = pre.sort_values("seed")["note"].fillna("") if "note" in pre else pd.Series([], dtype=str)
         row["note"] = "; ".join(dict.fromkeys([*(n for n in notes if n), *budget_misses(pre), *data_bound(pre),
+                                               *mixed_devices(pre),
                                                *(f"{e}: seeds evaluated with different settings" for e in mixed)]))
         rows.append(row)
     table = pd.DataFrame(rows)

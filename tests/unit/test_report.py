@@ -279,6 +279,22 @@ def test_data_bound_runs_are_flagged_with_their_wait(tmp_path):
     assert "seed 0 data-bound" not in md
 
 
+def test_a_wall_clock_row_whose_seeds_ran_on_different_devices_is_flagged(tmp_path):
+    # a user's demo seed 0 on an 8-thread laptop beside the committed seeds 1, 2 of a 2-thread machine
+    results = tmp_path / "results"
+    recs = [ResultRecord(method="micl", model=TINY, dataset="toy", budget=budget, seed=seed, eval="pretrain",
+                         metric="final_loss", value=0.5, steps=steps, epochs=1.0, pretrain_seconds=90.0,
+                         budget_seconds=90.0 if budget == "90s" else None, images_per_second=100.0,
+                         device_hours=0.02, device=f"cpu (x86_64, {threads} threads)", time="2026-01-01T00:00:00")
+            for budget in ("90s", "400steps") for seed, threads, steps in ((0, 8, 900), (1, 2, 270), (2, 2, 275))]
+    append_records(results / "records" / "toy.jsonl", recs)
+    generate(results)
+    md = (results / "toy.md").read_text()
+    assert ("micl vit_tiny p4 @32 90s: a wall-clock budget on different devices (cpu (x86_64, 2 threads) for seeds "
+            "1, 2; cpu (x86_64, 8 threads) for seed 0)") in md
+    assert "400steps: a wall-clock" not in md  # a step budget trains the same steps on any device
+
+
 def test_notes_and_claims_head_the_results_readme(tmp_path):
     results, _ = setup_results(tmp_path)
     (results / "NOTES.md").write_text("# What was run\n\nhand-written\n")
