@@ -55,15 +55,15 @@ class MACRLConfig(MethodConfig):
     """Branch 2 (weak augmentation) mask ratio."""
     temperature: float = 0.2
     momentum: float = 0.999
-    """Key-encoder momentum (fixed, MoCo v2)."""
-    bank_size: int = 65536
+    """Key-encoder momentum (fixed, MoCo v2)."""  # ASSUMPTION(3)
+    bank_size: int = 65536  # ASSUMPTION(7): the ImageNet size; recipes on small data keep it below the train set
     """FIFO memory bank of negatives (keys)."""
     proj_hidden: int = 2048
     proj_dim: int = 128
     recon_weight: float = 1.0
     """lambda in loss = contrastive + lambda (L1_1 + L1_2)."""
-    norm_pix_loss: bool = False
-    decoder_dim: int = 512
+    norm_pix_loss: bool = False  # ASSUMPTION(5): the view's pixels, no per-patch normalisation
+    decoder_dim: int = 512  # ASSUMPTION(6): decoders and optimisation as MAE's
     decoder_depth: int = 8
     decoder_heads: int = 16
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -110,7 +110,7 @@ class MemoryBank(nn.Module):
 class MACRL(PretrainMethod):
     name = "macrl"
     config_cls = MACRLConfig
-    weight_decay_rule = MAE_DECAY  # assumption 6
+    weight_decay_rule = MAE_DECAY  # ASSUMPTION(6)
     cfg: MACRLConfig
 
     def __init__(self, cfg: MACRLConfig, backbone: MaskedViT) -> None:
@@ -122,6 +122,7 @@ class MACRL(PretrainMethod):
         self.decoders = nn.ModuleList(
             MAEDecoder.for_backbone(backbone, dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
             for _ in range(2))
+        # ASSUMPTION(3): MoCo v2's 2-layer projector
         self.projector = nn.Sequential(nn.Linear(d, cfg.proj_hidden), nn.ReLU(inplace=True),
                                        nn.Linear(cfg.proj_hidden, cfg.proj_dim))
         self.key_backbone = momentum_copy(backbone)
@@ -131,11 +132,12 @@ class MACRL(PretrainMethod):
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
-        # DEVIATION(6): MAE-style encoder (fixed sin-cos positions, MAE init), as the decoders and optimisation
+        # ASSUMPTION(6): MAE-style encoder (fixed sin-cos positions, MAE init), as the decoders and optimisation
         return BackboneOptions(pos_embed="sincos", init="mae")
 
     @property
     def views(self) -> ViewSpec:
+        # ASSUMPTION(4): strong = BYOL's second view, weak = crop + flip; both MAE's crop
         return ViewSpec(count=2, scale=self.cfg.crop_scale, photometric=(BYOL_VIEW2, NONE))
 
     def controlled_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -153,13 +155,14 @@ class MACRL(PretrainMethod):
                                self.keep[i])
             latent = bb.forward_visible(x, m.ids_keep)
             queries.append(self.projector(latent[:, 0]))
-            with torch.no_grad():
+            with torch.no_grad():  # ASSUMPTION(2): the key branch encodes the same visible tokens
                 keys.append(self.key_projector(self.key_backbone.forward_visible(x, m.ids_keep)[:, 0]))
             target = patchify(x, bb.patch_size)
             if c.norm_pix_loss:
                 target = normalized_pixel_target(target)
             recon.append(masked_l1(self.decoders[i](latent, m.ids_restore), target, m.mask))
         bank = self.bank.keys
+        # ASSUMPTION(1): symmetrised; both key sets enqueued after the optimizer step
         ctr = 0.5 * (bank_info_nce(queries[0], keys[1], bank, c.temperature)
                      + bank_info_nce(queries[1], keys[0], bank, c.temperature))
         rec = c.recon_weight * (recon[0] + recon[1])

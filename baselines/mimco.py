@@ -66,9 +66,9 @@ class MimCoConfig(MethodConfig):
     image_weight: float = 1.0
     mlp_dim: int = 4096
     """Hidden width of the image-level predictor."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # ASSUMPTION(6): MAE's crop
     batch_size: int = 2048
-    base_lr: float = 1.5e-4
+    base_lr: float = 1.5e-4  # ASSUMPTION(5): MAE's optimisation values where the paper gives none
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 10.0
@@ -85,7 +85,7 @@ class MimCoConfig(MethodConfig):
             raise ConfigError("method temperatures must be > 0")
 
 
-class FrozenTeacher(nn.Module):
+class FrozenTeacher(nn.Module):  # ASSUMPTION(1)
     """A stage-1 MoCo v3 export: timm ViT + projector, frozen and always in eval mode."""
 
     def __init__(self, export_dir: Path) -> None:
@@ -117,7 +117,7 @@ class FrozenTeacher(nn.Module):
 class MimCo(PretrainMethod):
     name = "mimco"
     config_cls = MimCoConfig
-    # assumption 7: BEiT's rule, made for this kind of student (learned positions, [MASK] token); MAE's would
+    # ASSUMPTION(7): BEiT's rule, made for this kind of student (learned positions, [MASK] token); MAE's would
     # decay the learned position table, which MAE's own model never trains
     weight_decay_rule = BEIT_DECAY
     cfg: MimCoConfig
@@ -136,12 +136,13 @@ class MimCo(PretrainMethod):
                               f"{backbone.patch_size}; they must match")
         d = backbone.embed_dim
         self.len_keep = len_keep_mae(backbone.num_patches, cfg.mask_ratio)
+        # ASSUMPTION(3): the two predictors
         self.patch_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, self.teacher.dim))
         self.image_head = bn_mlp(2, d, cfg.mlp_dim, self.teacher.out_dim)
 
     @classmethod
     def backbone_options(cls, cfg: MethodConfig) -> BackboneOptions:
-        # DEVIATION(2): the student is the shared timm ViT, learned positions, timm init, a [MASK] token
+        # ASSUMPTION(2): the student is the shared timm ViT, learned positions, timm init, a [MASK] token
         return BackboneOptions(pos_embed="learned", init="timm", mask_token=True)
 
     @property
@@ -167,6 +168,7 @@ class MimCo(PretrainMethod):
         c = self.cfg
         patch = patch_info_nce(s_patch, t_patch, mask, c.patch_temperature)
         k_all = distributed.all_gather(t_cls)
+        # ASSUMPTION(4): a plain InfoNCE, without MoCo v3's 2T factor
         image = info_nce(q, k_all, c.image_temperature, offset=q.shape[0] * distributed.rank())
         loss = c.patch_weight * patch + c.image_weight * image
         return StepOutput(loss, {"patch_nce": (c.patch_weight * patch).detach(),
