@@ -381,7 +381,10 @@ def check_reaches(df: pd.DataFrame, c: Claim, ev: str) -> Result:
         t = float(np.mean(rng.choice(target_vals, len(target_vals))))
         means = [float(np.mean(rng.choice(v, len(v)))) for v in ca.values()]
         boots[i] = crossing(flops, means, t) / fb
-    lo, hi = np.quantile(boots, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    # order statistics, not interpolated: a resample whose curve never reaches the target is +inf (censored), and
+    # interpolating towards it would give nan
+    lo, hi = (float(x) for x in np.quantile(boots, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2],
+                                            method="inverted_cdf"))
     r.a = Arm(f"{c.label_a} ({', '.join(f'{f:.3g}' for f in flops)} FLOPs)", (), ())
     r.interval = (f"{c.label_a} reaches {c.label_b}'s {float(np.mean(target_vals)):.2f} at "
                   f"{_fraction(point, flops, fb)} of {c.label_b}'s {fb:.3g} FLOPs; {CONFIDENCE:.0%} bootstrap "
@@ -392,8 +395,24 @@ def check_reaches(df: pd.DataFrame, c: Claim, ev: str) -> Result:
         inside = lo <= c.paper_fraction <= hi
         r.extra.append(f"the paper's fraction {c.paper_fraction:.2g} is {'inside' if inside else 'outside'} this "
                        "interval")
-    r.verdict = SUPPORTED if hi < 1 else CONTRADICTED if lo > 1 else CANNOT_TELL
+    r.verdict = reaches_verdict(lo, hi, flops[0] / fb, flops[-1] / fb)
+    if r.verdict == CANNOT_TELL and lo == math.inf:
+        r.reason = (f"{c.label_a} does not reach it within its largest budget, {flops[-1] / fb:.3g} of "
+                    f"{c.label_b}'s; a longer curve of {c.label_a} would tell")
     return r
+
+
+def reaches_verdict(lo: float, hi: float, first: float, last: float) -> str:
+    """The verdict on a 'reaches' fraction's interval [lo, hi], whose ends may be censored: ``-inf`` is "at or below
+    ``first``" (``a``'s smallest budget, as a fraction of ``b``'s largest, already reaches the target), ``+inf`` is
+    "above ``last``" (its largest budget does not). Supported when the whole interval is below 1; contradicted when
+    it is above 1 (a censored end counts only when ``a``'s curve itself went to ``b``'s budget or beyond)."""
+    upper = first if hi == -math.inf else hi
+    if upper < 1:
+        return SUPPORTED
+    if lo == math.inf:
+        return CONTRADICTED if last >= 1 else CANNOT_TELL
+    return CONTRADICTED if lo > 1 else CANNOT_TELL
 
 
 def _fraction(x: float, flops: list[float], fb: float) -> str:

@@ -22,6 +22,7 @@ from repro.report.claims import (
     claims_markdown,
     crossing,
     load_claims,
+    reaches_verdict,
     welch_interval,
 )
 
@@ -118,6 +119,32 @@ def test_reaches_reports_the_fraction_with_an_interval():
     assert "0.0316" in r.interval
     assert r.verdict == SUPPORTED
     assert any("outside" in e for e in r.extra)
+
+
+def test_reaches_with_a_curve_that_never_gets_there_is_censored_not_nan():
+    floor = rows("random-init", "knn", "-", [44.0, 44.5, 43.5])
+    b = curve("b", {"1e13flop": 46.0, "1e14flop": 50.0})
+    a = curve("a", {"1e12flop": 45.0, "1e13flop": 46.5})  # stops at 0.1 of b's budget, below 50
+    c = Claim(id="r", kind="reaches", a="a", b="b", evals=("knn",))
+    r = check_reaches(frame(a, b, floor), c, "knn")
+    assert "nan" not in r.interval and "> 0.1 (not reached within its budgets)" in r.interval
+    assert r.verdict == CANNOT_TELL and "a longer curve of a would tell" in r.reason
+    # the same curve carried on to b's own budget and still short: a needs more than b's compute, contradicted
+    a = curve("a", {"1e12flop": 45.0, "1e13flop": 46.5, "1e14flop": 47.0})
+    r = check_reaches(frame(a, b, floor), c, "knn")
+    assert "nan" not in r.interval and "> 1 (not reached within its budgets)" in r.interval
+    assert r.verdict == CONTRADICTED
+
+
+def test_reaches_verdict_reads_censored_ends():
+    inf = math.inf
+    assert reaches_verdict(0.05, 0.2, 0.01, 1.0) == SUPPORTED
+    assert reaches_verdict(-inf, -inf, 0.01, 1.0) == SUPPORTED  # already reached at 1% of b's compute
+    assert reaches_verdict(-inf, -inf, 2.0, 3.0) == CANNOT_TELL  # 'at or below 2x b's compute' is not a fraction < 1
+    assert reaches_verdict(0.5, inf, 0.01, 1.0) == CANNOT_TELL
+    assert reaches_verdict(inf, inf, 0.01, 0.33) == CANNOT_TELL  # the curve stopped at a third of b's budget
+    assert reaches_verdict(inf, inf, 0.01, 1.0) == CONTRADICTED
+    assert reaches_verdict(1.2, 1.8, 0.01, 3.0) == CONTRADICTED
 
 
 def test_load_claims_rejects_bad_declarations(tmp_path):
