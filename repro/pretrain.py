@@ -151,12 +151,14 @@ def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
                               git_revision=meta.git_revision, note=meta.note)
 
 
-def has_pretrain_record(records_path: Path, cfg: RunConfig) -> bool:
-    """Whether the records hold this run's 'ok' pretrain row: a re-run adds none twice, and a run killed between
-    its export and the append gets its row on the next run (an export alone is no proof of the record)."""
+def has_pretrain_record(records_path: Path, cfg: RunConfig, export_sha256: str) -> bool:
+    """Whether the records hold this run's 'ok' pretrain row for this export: a re-run adds none twice, a run killed
+    between its export and the append gets its row on the next run (an export alone is no proof of the record), and
+    a run re-trained into a fresh directory (the README demo in a new clone, over the committed records) records its
+    own pre-training, so its row's steps and loss are those of the export its evaluations measured."""
     h = cfg.config_hash()
     return any(r.eval == "pretrain" and r.status == "ok" and r.config_hash == h and r.method == cfg.method
-               and r.seed == cfg.seed for r in read_records(records_path)[0])
+               and r.seed == cfg.seed and r.export_sha256 == export_sha256 for r in read_records(records_path)[0])
 
 
 def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: Path, recipe: str) -> Path:

@@ -107,7 +107,8 @@ def mixed_devices(pre: pd.DataFrame) -> list[str]:
         return []
     parts = [f"{d or 'unknown'} for seed{'s' if (dev == d).sum() > 1 else ''} "
              f"{', '.join(str(x) for x in sorted(pre.loc[dev == d, 'seed']))}" for d in sorted(dev.unique())]
-    return [f"a wall-clock budget on different devices ({'; '.join(parts)}): each device's seconds buy their own step count"]
+    return [f"a wall-clock budget on different devices ({'; '.join(parts)}): each device's seconds buy their own "
+            "step count"]
 
 
 def dataset_table(df: pd.DataFrame) -> pd.DataFrame:

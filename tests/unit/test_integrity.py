@@ -40,7 +40,7 @@ from repro.export import (
     read_extra,
     record_from_export,
 )
-from repro.records import ResultRecord
+from repro.records import ResultRecord, append_records
 from repro.report.integrity import export_checksum_conflicts
 
 
@@ -438,3 +438,14 @@ def test_records_without_a_checksum_or_a_run_identity_are_no_conflict():
     assert export_checksum_conflicts(pd.DataFrame([_rec(a, config_hash=""), _rec(b, config_hash="")])) == []
     assert export_checksum_conflicts(pd.DataFrame([_rec(a), _rec(b, config_hash="other")])) == []
     assert export_checksum_conflicts(pd.DataFrame()) == []
+
+
+def test_a_pretrain_row_is_recorded_once_per_export(tmp_path):
+    from repro.pretrain import has_pretrain_record
+    from repro.recipes import build_config
+
+    cfg = build_config("micl", "tiny")
+    path = tmp_path / "records.jsonl"
+    append_records(path, [ResultRecord(**{**_rec("a" * 64, "pretrain"), "config_hash": cfg.config_hash()})])
+    assert has_pretrain_record(path, cfg, "a" * 64)  # the same export re-run: no second row
+    assert not has_pretrain_record(path, cfg, "b" * 64)  # re-trained into a fresh directory: its own row
