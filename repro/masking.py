@@ -64,8 +64,8 @@ def to_device_async(t: Tensor, device: torch.device) -> Tensor:
     A plain ``.to(cuda)`` of pageable memory waits for the copy, so the host could no longer run ahead of the
     GPU while it builds the next step (ConMIM's block masks take ~30 ms of CPU per batch of 128).
     """
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.to(device)  # under torch.compile the copy is traced as a plain transfer (no pinning in a graph)
     return t.pin_memory().to(device, non_blocking=True)
 
 

@@ -41,7 +41,13 @@ def _batch_for(method: str, model: str, device: torch.device, given: dict[str, i
     if device.type != "cuda":
         return CPU_BATCH
     b = GPU_BATCH.get(model, 128)
-    return b * 8 if method == "micl" else b
+    if method != "micl":
+        return b
+    # MiCL x8, kept to whole loss groups of its default size (1800): a batch above one group must split into groups
+    from repro.micl import MiCLConfig
+
+    group = MiCLConfig().loss_group_size or b * 8
+    return b * 8 if b * 8 <= group else group * (b * 8 // group)
 
 
 def _parse_batch(items: list[str]) -> dict[str, int]:
@@ -163,6 +169,7 @@ def _main(args: argparse.Namespace) -> int:
     decodes = args.decode or (["pil", "fast", "gpu"] if device.type == "cuda" else ["pil", "fast"])
     rows: list[Row] = []
     data_rows: list[DataRow] = []
+    failed: list[str] = []
     stage_rows: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="repro-bench-") as tmp:
         for model in models:
@@ -172,10 +179,19 @@ def _main(args: argparse.Namespace) -> int:
                     stage_rows += _stages(name, model, batch, data, device, args, Path(tmp), sets)
                 for v in ([] if args.data_only else args.variant):
                     for c in compiles:
-                        r = bench_method(name, model, batch, compile=c, precision=precision, steps=args.steps,
-                                         warmup=args.warmup, device=device, peak=peak, tag=args.tag,
-                                         scratch=Path(tmp), sets=sets, variant=VARIANTS[v])
+                        try:
+                            r = bench_method(name, model, batch, compile=c, precision=precision, steps=args.steps,
+                                             warmup=args.warmup, device=device, peak=peak, tag=args.tag,
+                                             scratch=Path(tmp), sets=sets, variant=VARIANTS[v])
+                        except ConfigError:
+                            raise  # the user's arguments: one line, exit 2
+                        except Exception as e:  # one method's failure (a compile error, OOM) must not lose the rest
+                            failed.append(f"{model} {name} {v} {'compiled' if c else 'eager'}")
+                            log.error("%s %s %s %s failed: %s", model, name, v, "compiled" if c else "eager",
+                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                            continue
                         rows.append(r)
+                        write_results(Path(args.out), rows, data_rows)  # a bench cut short keeps what it measured
                         log.info("%-6s %-7s %-12s batch %4d %-8s %8.0f img/s %7.1f ms/step %6.1f TFLOP/s MFU %5.1f%%%s",
                                  model, name, r.variant, batch, "compiled" if c else "eager", r.img_per_s,
                                  r.ms_per_step, r.tflops, 100 * r.mfu, f" ({r.note})" if r.note else "")
@@ -194,6 +210,9 @@ def _main(args: argparse.Namespace) -> int:
         from repro.bench.data_stages import write_stages
 
         log.info("wrote %s", write_stages(Path(args.out), stage_rows))
+    if failed:
+        log.error("%d measurement(s) failed: %s", len(failed), "; ".join(failed))
+        return 1
     return 0
 
 

@@ -123,3 +123,38 @@ def test_data_path_error_is_one_line(tmp_path, capsys):
     assert bench.main(["mae", *FAST, "--out", str(tmp_path / "tp"), "--data", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing" in err and len(err.splitlines()) == 1
+
+
+def test_micl_default_gpu_batch_is_whole_loss_groups():
+    """MiCL's x8 batch must split into its default loss groups (1800): ViT-S's 256 x 8 = 2048 did not, and the
+    bench exited on the H200 before measuring a size."""
+    from repro.bench.cli import _batch_for
+    from repro.micl import MiCLConfig
+
+    group = MiCLConfig().loss_group_size
+    assert group is not None
+    cuda = torch.device("cuda")
+    for model in ("tiny", "vit_s", "vit_b", "vit_l", "cifar10"):
+        b = _batch_for("micl", model, cuda, {})
+        assert b <= group or b % group == 0, (model, b)
+        assert b >= min(group, 8 * 64)  # still MiCL's large batch, not the others'
+    assert _batch_for("micl", "vit_s", cuda, {"micl": 2048}) == 2048  # an explicit --batch is the user's
+
+
+def test_a_failing_measurement_keeps_the_others_and_exits_nonzero(tmp_path, monkeypatch):
+    """One method's failure (on the H200: a compile error in ConMIM's mask copy) must not lose the rows measured
+    before or after it."""
+    from repro.bench import cli
+
+    real = cli.bench_method
+
+    def flaky(name, *a, **k):
+        if name == "mae":
+            raise RuntimeError("boom\nsecond line")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(cli, "bench_method", flaky)
+    out = tmp_path / "tp"
+    assert bench.main(["micl", "mae", "mimco", *FAST, "--out", str(out)]) == 1
+    df = pd.read_csv(out.with_suffix(".csv"))
+    assert sorted(df["method"]) == ["micl", "mimco"]

@@ -43,3 +43,20 @@ def test_bad_ratio_and_len_keep_rejected():
         len_keep_mae(196, 1.0)
     with pytest.raises(ValueError):
         random_masking(torch.rand(2, 8), 0)
+
+
+@pytest.mark.gpu
+def test_mask_copy_to_cuda_compiles():
+    """Under torch.compile a CPU-made mask is copied plainly (a pinned-memory copy cannot be traced): ConMIM's
+    compiled step failed on the H200 with 'NYI: aten._pin_memory' before this."""
+    from repro.masking import to_device_async
+
+    cuda = torch.device("cuda")
+
+    @torch.compile
+    def f(x, mask):
+        return x * to_device_async(mask, cuda)
+
+    mask = torch.rand(4, 8) > 0.5
+    x = torch.ones(4, 8, device=cuda)
+    torch.testing.assert_close(f(x, mask), mask.to(cuda).float())
