@@ -285,7 +285,19 @@ def write_export_meta(out_dir: Path, meta: ExportMeta) -> ExportMeta:
     d = meta.to_json()  # without weights_sha256: the weights' own sidecar is the record of their bytes
     atomic_write(Path(out_dir) / EXPORT_META, lambda p: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"),
                  checksum=True)
-    return replace(meta, weights_sha256=(read_checksum(Path(out_dir) / EXPORT_WEIGHTS) or [""])[-1])
+    return replace(meta, weights_sha256=_weights_checksum(out_dir))
+
+
+def _weights_checksum(out_dir: Path) -> str:
+    return (read_checksum(Path(out_dir) / EXPORT_WEIGHTS) or [""])[-1]
+
+
+def export_meta_with_checksum(out_dir: Path) -> ExportMeta:
+    """A finished export's ``backbone.json`` with its weights' checksum (``weights_sha256``) from their sidecar, as
+    :func:`write_export_meta` returns it when the export is written: a run found finished and a run just finished
+    name their export alike."""
+    meta = ExportMeta.from_json(Path(out_dir) / EXPORT_META)
+    return replace(meta, weights_sha256=_weights_checksum(out_dir))
 
 
 def export_extra(out_dir: Path, name: str, state: dict[str, Tensor]) -> Path:

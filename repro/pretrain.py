@@ -25,6 +25,7 @@ from repro.export import (
     Stage,
     export_backbone,
     export_extra,
+    export_meta_with_checksum,
     random_init_meta,
     record_from_export,
     teacher_meta,
@@ -52,7 +53,7 @@ def pretrain(cfg: RunConfig, data: DatasetSplits, dist_info, run_dir: Path, prog
     if (run_dir / EXPORT_WEIGHTS).exists() and meta_path.exists() and read_summary(run_dir) is not None:
         if dist_info.rank == 0:
             log.info("%s: finished run found in %s, skipping pre-training", cfg.method, run_dir)
-        return ExportMeta.from_json(meta_path)
+        return export_meta_with_checksum(run_dir)
     pre = METHODS[cfg.method].prerequisite
     if pre is None:
         return _train(cfg, data, dist_info, run_dir, progress, records_path, wait=wait)
@@ -151,14 +152,24 @@ def pretrain_record(meta: ExportMeta, data: DatasetSplits) -> ResultRecord:
                               git_revision=meta.git_revision, note=meta.note)
 
 
-def has_pretrain_record(records_path: Path, cfg: RunConfig, export_sha256: str) -> bool:
+def has_pretrain_record(records_path: Path, cfg: RunConfig, meta: ExportMeta) -> bool:
     """Whether the records hold this run's 'ok' pretrain row for this export: a re-run adds none twice, a run killed
     between its export and the append gets its row on the next run (an export alone is no proof of the record), and
     a run re-trained into a fresh directory (the README demo in a new clone, over the committed records) records its
-    own pre-training, so its row's steps and loss are those of the export its evaluations measured."""
+    own pre-training, so its row's steps and loss are those of the export its evaluations measured.
+
+    The export is known by its weights' checksum; a row without one (written before rows carried it) is this
+    export's when its steps and final loss are the export's."""
     h = cfg.config_hash()
+    loss = meta.pretraining.final_loss
+
+    def same_export(r: ResultRecord) -> bool:
+        if r.export_sha256:
+            return r.export_sha256 == meta.weights_sha256
+        return r.steps == meta.steps and loss is not None and r.value == loss
+
     return any(r.eval == "pretrain" and r.status == "ok" and r.config_hash == h and r.method == cfg.method
-               and r.seed == cfg.seed and r.export_sha256 == export_sha256 for r in read_records(records_path)[0])
+               and r.seed == cfg.seed and same_export(r) for r in read_records(records_path)[0])
 
 
 def random_init_export(model: ModelConfig, data: DatasetSplits, seed: int, out: Path, recipe: str) -> Path:

@@ -178,7 +178,7 @@ def _main(args: argparse.Namespace) -> int:
     for cfg in configs:
         run_dir = run_dir_for(out, data.name, cfg)
         meta = pretrain(cfg, data, dist_info, run_dir, progress, records_path, wait=args.wait)
-        if main_rank and not has_pretrain_record(records_path, cfg, meta.weights_sha256):
+        if main_rank and not has_pretrain_record(records_path, cfg, meta):
             append_records(records_path, [pretrain_record(meta, data)])
         exports.append(run_dir)
     distributed.barrier()

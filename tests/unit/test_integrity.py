@@ -441,11 +441,38 @@ def test_records_without_a_checksum_or_a_run_identity_are_no_conflict():
 
 
 def test_a_pretrain_row_is_recorded_once_per_export(tmp_path):
+    from types import SimpleNamespace
+
     from repro.pretrain import has_pretrain_record
     from repro.recipes import build_config
 
     cfg = build_config("micl", "tiny")
+
+    def export(sha: str, steps: int = 400, loss: float = 1.0):
+        return SimpleNamespace(weights_sha256=sha, steps=steps, pretraining=SimpleNamespace(final_loss=loss))
+
     path = tmp_path / "records.jsonl"
-    append_records(path, [ResultRecord(**{**_rec("a" * 64, "pretrain"), "config_hash": cfg.config_hash()})])
-    assert has_pretrain_record(path, cfg, "a" * 64)  # the same export re-run: no second row
-    assert not has_pretrain_record(path, cfg, "b" * 64)  # re-trained into a fresh directory: its own row
+    append_records(path, [ResultRecord(**{**_rec("a" * 64, "pretrain", steps=400), "config_hash": cfg.config_hash()})])
+    assert has_pretrain_record(path, cfg, export("a" * 64))  # the same export re-run: no second row
+    assert not has_pretrain_record(path, cfg, export("b" * 64))  # re-trained into a fresh directory: its own row
+    # a row written before rows carried the checksum is this export's when its steps and final loss are
+    old = tmp_path / "old.jsonl"
+    append_records(old, [ResultRecord(**{**_rec("", "pretrain", steps=400), "config_hash": cfg.config_hash()})])
+    assert has_pretrain_record(old, cfg, export("a" * 64))
+    assert not has_pretrain_record(old, cfg, export("a" * 64, loss=0.5))
+    assert not has_pretrain_record(old, cfg, export("a" * 64, steps=401))
+
+
+def test_a_finished_run_found_again_names_its_export_by_checksum(tmp_path):
+    """The skip path (a finished run re-run) returns the export's checksum as the training path does: without it a
+    re-run appended a second pretrain row (CI, test_kill_after_final_checkpoint_loses_no_record)."""
+    from repro.checkpoint import read_checksum
+    from repro.export import EXPORT_WEIGHTS, export_meta_with_checksum, read_export
+    from repro.pretrain import random_teacher_export
+    from repro.recipes import build_config
+
+    random_teacher_export(build_config("micl", "tiny", {"model.depth": "1"}), tmp_path)
+    again = export_meta_with_checksum(tmp_path)
+    assert len(again.weights_sha256) == 64
+    assert again.weights_sha256 == (read_checksum(tmp_path / EXPORT_WEIGHTS) or [""])[-1]
+    assert read_export(tmp_path)[0].weights_sha256 == again.weights_sha256  # the digest evaluations record
