@@ -3,6 +3,7 @@
 # (see the README, "Speed and MFU"). Run from the repository root; writes under $OUT (default ./gpu-out).
 #
 #   scripts/gpu_session.sh bench             # ~11 min on an H100/H200: throughput + data paths -> $OUT/throughput*
+#   scripts/gpu_session.sh rest              # ~7 min: the parts of bench the first H200 session did not reach
 #   SEED=0 BUDGET=1m scripts/gpu_session.sh cifar10   # one seed of the six-method CIFAR-10 table (resumable)
 #
 # CIFAR-10: put cifar10-jpeg.tar.gz (../shared/data) in .data/ (git-ignored) and carry .data; it is unpacked to
@@ -44,6 +45,16 @@ bench)
             | grep -v "^W" || true
     fi
     ;;
+rest)
+    # what the 2026-12-04 H200 session (15 device-minutes) left unmeasured: ViT-B compiled MimCo and MACRL (each
+    # compile ~60 s), the ImageNet-JPEG streaming rows, the GPU-only tests; ~7 min
+    B="$PY -m repro.bench --out $OUT/throughput --steps 20 --warmup 5"
+    timeout 200 $B mimco macrl --model vit_b --variant tuned --compile on --tag vit_b 2>&1 | grep -v "^W" || true
+    timeout 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/unit 2>&1 | tail -5 || true
+    [ -d /tmp/jpegs/train ] || timeout 60 $PY -m repro.bench.data_stages /tmp/jpegs 4000 >/dev/null || true
+    timeout 150 $B micl mae mocov3 --model vit_b --compile off --data /tmp/jpegs --decode pil fast gpu \
+        --tag imagenet-jpeg 2>&1 | grep -v "^W" || true
+    ;;
 cifar10)
     cifar
     SEED=${SEED:-0} BUDGET=${BUDGET:-2m}
@@ -53,7 +64,7 @@ cifar10)
     tar czf "$OUT/cifar10-results-s$SEED.tar.gz" results/cifar10
     ;;
 *)
-    echo "usage: $0 bench|cifar10" >&2
+    echo "usage: $0 bench|rest|cifar10" >&2
     exit 2
     ;;
 esac
