@@ -127,8 +127,8 @@ def test_time_spent_waiting_for_data_is_logged_and_a_data_bound_run_is_named(tmp
     t, _ = _trainer(tmp_path, "mae", budget="6steps")
     real = t.source.batch
 
-    def slow(step):  # a batch source far slower than the step (~0.1 s idle; < 0.5 s on two loaded cores)
-        time.sleep(0.8)
+    def slow(step):  # a batch source far slower than the step (~0.1 s idle; < 1 s on two heavily loaded cores)
+        time.sleep(1.5)
         return real(step)
 
     t.source.batch = slow
